@@ -1,0 +1,50 @@
+"""Fan-out/fan-in jobs on Celery, with every job and branch tracked in SQL.
+
+    from orchestrator import Orchestrator, branch
+    orc = Orchestrator()
+    job = orc.submit([branch("jobs.io.sleep", seconds=0.2)] * 8, fan_in="jobs.aggregate.collect")
+    print(orc.wait(job.id, timeout=30).state)
+"""
+
+from .api import BranchSpec, Orchestrator, branch
+from .errors import (
+    ArgumentsNotSerializable,
+    ConfigurationError,
+    InvalidJobSpec,
+    JobNotFound,
+    OrchestratorError,
+    PublishError,
+    SchemaNotReady,
+    UnknownTask,
+    WaitTimeout,
+    WrongTaskKind,
+)
+from .models import BranchState, JobState
+from .registry import aggregator, cpu_task, io_task
+from .settings import Settings
+from .views import BranchOutcome, BranchView, JobView
+
+__all__ = [
+    "ArgumentsNotSerializable",
+    "BranchOutcome",
+    "BranchSpec",
+    "BranchState",
+    "BranchView",
+    "ConfigurationError",
+    "InvalidJobSpec",
+    "JobNotFound",
+    "JobState",
+    "JobView",
+    "Orchestrator",
+    "OrchestratorError",
+    "PublishError",
+    "SchemaNotReady",
+    "Settings",
+    "UnknownTask",
+    "WaitTimeout",
+    "WrongTaskKind",
+    "aggregator",
+    "branch",
+    "cpu_task",
+    "io_task",
+]

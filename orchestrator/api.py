@@ -1,0 +1,149 @@
+"""Orchestrator: submit, get, wait, list -- the API a user's program calls."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import chord, group
+
+from . import database, registry
+from .errors import ArgumentsNotSerializable, InvalidJobSpec, PublishError, WaitTimeout
+from .registry import TaskKind
+from .settings import Settings
+from .store import NewBranch, Store, parse_job_id
+from .views import JobView
+
+_NAME_MAX = 200
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """One branch of a job: a catalog task name and its JSON arguments. Build it with `branch()`."""
+
+    task: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def branch(task: str, *args: Any, **kwargs: Any) -> BranchSpec:
+    return BranchSpec(task=task, args=args, kwargs=kwargs)
+
+
+def _json_args(index: int, spec: BranchSpec) -> tuple[list[Any], dict[str, Any]]:
+    """Arguments must survive a JSON round trip unchanged; tuples become lists, anything else is refused."""
+    try:
+        text = json.dumps([list(spec.args), spec.kwargs], allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ArgumentsNotSerializable(
+            f"branch {index} ({spec.task}): arguments are not JSON-serializable: {exc}"
+        ) from None
+    args, kwargs = json.loads(text)
+    return args, kwargs
+
+
+class Orchestrator:
+    """Submits jobs and reads them back from SQL. Settings come from ORCH_* variables by default."""
+
+    def __init__(self, settings: Settings | None = None, *, migrate: bool | None = None) -> None:
+        from . import celery_app
+
+        self.settings = settings or Settings.from_env()
+        # The workers' app is built from the environment; a client may talk to another deployment.
+        same = self.settings == celery_app.settings
+        self.app = celery_app.app if same else celery_app.make_app(self.settings, set_as_current=False)
+        self.store = Store(self.settings.database_url)
+        registry.load(self.settings.imports)
+        if migrate is None:
+            migrate = self.settings.is_sqlite  # the embedded default sets itself up
+        if migrate:
+            database.upgrade(self.settings.database_url)
+        else:
+            database.require_schema(self.settings.database_url)
+
+    # --- submit ------------------------------------------------------------------------------------
+
+    def _validate(self, branches: Sequence[BranchSpec], fan_in: object, name: str | None) -> list[NewBranch]:
+        if isinstance(branches, (str, bytes)) or not isinstance(branches, Sequence):
+            raise InvalidJobSpec("branches must be a list of branch(...) specs")
+        if not branches:
+            raise InvalidJobSpec("a job needs at least one branch")
+        if name is not None and (not isinstance(name, str) or len(name) > _NAME_MAX):
+            raise InvalidJobSpec(f"name must be a string of at most {_NAME_MAX} characters")
+        registry.lookup(fan_in, expect=[TaskKind.AGGREGATOR])
+        new: list[NewBranch] = []
+        for i, spec in enumerate(branches):
+            if not isinstance(spec, BranchSpec):
+                raise InvalidJobSpec(f"branch {i} must be built with branch(task, ...), got {spec!r}")
+            task = registry.lookup(spec.task, expect=[TaskKind.IO, TaskKind.CPU])
+            args, kwargs = _json_args(i, spec)
+            new.append(NewBranch(task=task.name, queue=self.settings.queue_for(task.kind), args=args, kwargs=kwargs))
+        return new
+
+    def submit(
+        self,
+        branches: Sequence[BranchSpec],
+        fan_in: str,
+        name: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        fan_in_timeout: float | None = None,
+    ) -> JobView:
+        """Validate the whole spec, record the job and its branches, then publish one Celery chord."""
+        new = self._validate(branches, fan_in, name)
+        timeout = self.settings.fan_in_timeout if fan_in_timeout is None else fan_in_timeout
+        if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+            raise InvalidJobSpec(f"fan_in_timeout must be a positive number of seconds, got {timeout!r}")
+        job_id, created = self.store.create_job(
+            name=name, fan_in=str(fan_in), branches=new, idempotency_key=idempotency_key,
+            fan_in_timeout=float(timeout),
+        )
+        if created:
+            self._publish(str(job_id), new, float(timeout))
+        return self.store.get(job_id)
+
+    def _publish(self, job_id: str, branches: Sequence[NewBranch], fan_in_timeout: float) -> None:
+        header = group(
+            self.app.signature(b.task, args=(job_id, i, b.args, b.kwargs), queue=b.queue)
+            for i, b in enumerate(branches)
+        )
+        body = self.app.signature(
+            "orchestrator.fan_in",
+            args=(job_id,),
+            queue=self.settings.fanin_queue,
+            soft_time_limit=fan_in_timeout,
+            time_limit=fan_in_timeout + 10,
+        )
+        uid = parse_job_id(job_id)
+        try:
+            chord(header, body).apply_async()
+        except Exception as exc:
+            self.store.mark_failed_to_publish(uid, f"could not publish the job: {exc}")
+            raise PublishError(f"job {job_id} was recorded but could not be published: {exc}") from exc
+        self.store.mark_published(uid)
+
+    # --- reads -------------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobView:
+        return self.store.get(job_id)
+
+    def list(self, state: str | None = None, limit: int = 50) -> list[JobView]:
+        return self.store.list(state=state, limit=limit)
+
+    def wait(self, job_id: str, timeout: float = 60.0, poll: float = 0.02) -> JobView:
+        """Block until the job is final; the SQL row is the truth, so this polls it (cheaply, by id)."""
+        deadline = time.monotonic() + timeout
+        delay = poll
+        while True:
+            state = self.store.state(job_id)
+            if state in ("succeeded", "partial", "failed", "cancelled"):
+                return self.store.get(job_id)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(str(job_id), timeout, state)
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, 0.25)

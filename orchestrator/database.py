@@ -1,0 +1,100 @@
+"""Engines, one per database URL per process, never shared across a fork; and schema upgrades.
+
+Celery's prefork pool forks after import, and a pooled connection used by two processes corrupts both,
+so engines are created lazily and forgotten in every forked child.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+
+from .errors import ConfigurationError, SchemaNotReady
+
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+_MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def _forget_engines_after_fork() -> None:
+    # close=False: the parent's pooled connections belong to the parent; only drop our references.
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_after_fork)
+
+
+def _sqlite_engine(url: str) -> Engine:
+    path = make_url(url).database
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide when transactions begin (see _on_begin).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # IMMEDIATE takes the write lock up front: a deferred transaction that reads and then writes
+        # fails at once with SQLITE_BUSY under WAL instead of waiting for busy_timeout.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def get_engine(url: str) -> Engine:
+    engine = _engines.get(url)
+    if engine is not None:
+        return engine
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            try:
+                if url.startswith("sqlite"):
+                    engine = _sqlite_engine(url)
+                else:
+                    engine = create_engine(url, pool_size=5, max_overflow=64, pool_pre_ping=True)
+            except Exception as exc:  # bad URL, missing driver
+                raise ConfigurationError(f"cannot use database URL {url!r}: {exc}") from exc
+            _engines[url] = engine
+    return engine
+
+
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["engine"] = get_engine(url)
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations; safe to run from several processes at once on PostgreSQL (one wins the lock)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def require_schema(url: str) -> None:
+    if not inspect(get_engine(url)).has_table("jobs"):
+        raise SchemaNotReady(
+            f"the database at {make_url(url).render_as_string(hide_password=True)} has no orchestrator "
+            "tables: run `orchestrator db upgrade`"
+        )

@@ -1,0 +1,49 @@
+"""One exception hierarchy, so callers can catch everything the orchestrator raises with one clause."""
+
+from __future__ import annotations
+
+
+class OrchestratorError(Exception):
+    """Base of every error the orchestrator raises on purpose."""
+
+
+class ConfigurationError(OrchestratorError):
+    """An ORCH_* setting is missing, malformed or refused (e.g. a pickle serializer)."""
+
+
+class InvalidJobSpec(OrchestratorError, ValueError):
+    """A submitted job is malformed; nothing was written and nothing was published."""
+
+
+class UnknownTask(InvalidJobSpec):
+    """A branch or fan-in names a task that no loaded catalog module declares."""
+
+
+class WrongTaskKind(InvalidJobSpec):
+    """An aggregator was used as a branch, or a branch task as the fan-in."""
+
+
+class ArgumentsNotSerializable(InvalidJobSpec):
+    """Branch arguments must survive a JSON round trip; pickle is never used."""
+
+
+class JobNotFound(OrchestratorError, LookupError):
+    """No job has that id."""
+
+
+class WaitTimeout(OrchestratorError, TimeoutError):
+    """`Orchestrator.wait` gave up before the job reached a final state."""
+
+    def __init__(self, job_id: str, timeout: float, state: str) -> None:
+        super().__init__(f"job {job_id} is still {state} after {timeout:g}s")
+        self.job_id = job_id
+        self.timeout = timeout
+        self.state = state
+
+
+class PublishError(OrchestratorError):
+    """The job was recorded but its messages could not be sent; the job is marked failed."""
+
+
+class SchemaNotReady(OrchestratorError):
+    """The database has no orchestrator tables yet: run `orchestrator db upgrade`."""

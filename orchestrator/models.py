@@ -1,0 +1,151 @@
+"""SQLAlchemy 2 models: the SQL tables are the source of truth for jobs, branches and chord joins."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"  # recorded, messages not yet published
+    RUNNING = "running"  # published; branches are running or queued
+    AGGREGATING = "aggregating"  # the fan-in has claimed the job
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_JOB_STATES
+
+
+FINAL_JOB_STATES = frozenset(
+    {JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED}
+)
+
+
+class BranchState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    SHORT_CIRCUITED = "short_circuited"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self not in (BranchState.PENDING, BranchState.RUNNING)
+
+
+FINAL_BRANCH_STATES = frozenset(s for s in BranchState if s.final)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, Any: JSON}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str | None] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
+    fan_in: Mapped[str] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    min_success: Mapped[int | None] = mapped_column(Integer)
+    fan_in_timeout: Mapped[float | None] = mapped_column()
+    branch_total: Mapped[int] = mapped_column(Integer)
+    branch_done: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    result: Mapped[Any | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    branches: Mapped[list[Branch]] = relationship(
+        back_populates="job", order_by="Branch.index", cascade="all, delete-orphan"
+    )
+
+    __table_args__ = (Index("ix_jobs_state_created_at", "state", "created_at"),)
+
+
+class Branch(Base):
+    __tablename__ = "branches"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task: Mapped[str] = mapped_column(String(200))
+    queue: Mapped[str] = mapped_column(String(64))
+    args: Mapped[Any] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default=BranchState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    celery_task_id: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    result: Mapped[Any | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    late: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    job: Mapped[Job] = relationship(back_populates="branches")
+
+
+class ResultRecord(Base):
+    """Celery task results, stored by `orchestrator.backend.SQLBackend` as a key/value table."""
+
+    __tablename__ = "celery_results"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ChordCounter(Base):
+    """One row per chord: the join is an atomic increment of `done`, never a poll."""
+
+    __tablename__ = "chord_counters"
+
+    group_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int | None] = mapped_column(Integer)
+    fired: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ChordPart(Base):
+    """A header task counted once: a redelivered task finds its row and does not count again."""
+
+    __tablename__ = "chord_parts"
+
+    group_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(255), primary_key=True)

@@ -1,0 +1,115 @@
+"""Settings come from ORCH_* environment variables only, so every process (client, worker, CLI) agrees.
+
+With nothing set the embedded default applies: a SQLite file and a file-system broker under
+``ORCH_HOME`` (``~/.orchestrator``), so a first run needs no server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigurationError
+
+def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{key} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigurationError(f"{key} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{key} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigurationError(f"{key} must be positive, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str
+    broker_url: str
+    result_backend: str
+    imports: tuple[str, ...] = ("jobs",)
+    io_queue: str = "io"
+    cpu_queue: str = "cpu"
+    fanin_queue: str = "fanin"
+    io_pool: str = "threads"
+    io_concurrency: int = 64
+    cpu_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    fanin_concurrency: int = 2
+    fan_in_timeout: float = 60.0
+    visibility_timeout: int = 3600
+    log_level: str = "INFO"
+
+    @property
+    def embedded(self) -> bool:
+        """True when the broker is the server-less file-system transport."""
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def queue_for(self, kind: str) -> str:
+        """io and cpu tasks go to their pools' queues; everything else (the fan-in) to fanin."""
+        return {"io": self.io_queue, "cpu": self.cpu_queue}.get(kind, self.fanin_queue)
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home / "broker"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        home = Path(env.get("ORCH_HOME") or Path.home() / ".orchestrator").expanduser()
+        database_url = env.get("ORCH_DATABASE_URL") or f"sqlite:///{home / 'orchestrator.db'}"
+        if database_url.startswith(("postgres://", "postgresql://")):
+            # psycopg 3 is the driver we ship; plain URLs would ask SQLAlchemy for psycopg2.
+            database_url = "postgresql+psycopg://" + database_url.split("://", 1)[1]
+        broker_url = env.get("ORCH_BROKER_URL") or "filesystem://"
+        result_backend = env.get("ORCH_RESULT_BACKEND") or "sql"
+        if result_backend == "sql":
+            result_backend = f"orchestrator.backend:SQLBackend+{database_url}"
+        serializer = env.get("ORCH_SERIALIZER", "json")
+        if serializer != "json":
+            raise ConfigurationError(
+                f"ORCH_SERIALIZER={serializer!r} is refused: JSON is the only accepted serializer"
+            )
+        extra = tuple(m.strip() for m in env.get("ORCH_IMPORTS", "").split(",") if m.strip())
+        io_pool = env.get("ORCH_IO_POOL", "threads")
+        if io_pool not in ("threads", "gevent", "eventlet"):
+            raise ConfigurationError(f"ORCH_IO_POOL must be threads or gevent, got {io_pool!r}")
+        return cls(
+            home=home,
+            database_url=database_url,
+            broker_url=broker_url,
+            result_backend=result_backend,
+            imports=tuple(dict.fromkeys(("jobs", *extra))),
+            io_queue=env.get("ORCH_IO_QUEUE", "io"),
+            cpu_queue=env.get("ORCH_CPU_QUEUE", "cpu"),
+            fanin_queue=env.get("ORCH_FANIN_QUEUE", "fanin"),
+            io_pool=io_pool,
+            io_concurrency=_int(env, "ORCH_IO_CONCURRENCY", 64),
+            cpu_concurrency=_int(env, "ORCH_CPU_CONCURRENCY", os.cpu_count() or 1),
+            fanin_concurrency=_int(env, "ORCH_FANIN_CONCURRENCY", 2),
+            fan_in_timeout=_float(env, "ORCH_FAN_IN_TIMEOUT", 60.0),
+            visibility_timeout=_int(env, "ORCH_VISIBILITY_TIMEOUT", 3600),
+            log_level=env.get("ORCH_LOG_LEVEL", "INFO"),
+        )
+

@@ -1,0 +1,87 @@
+"""Read models handed to users and aggregators: plain frozen dataclasses, detached from any session."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BranchOutcome:
+    """What an aggregator sees of one branch, in submission order."""
+
+    index: int
+    task: str
+    state: str
+    result: Any = None
+    error: str | None = None
+    duration: float | None = None  # seconds from the last attempt's start to the outcome
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "succeeded"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass(frozen=True)
+class BranchView:
+    index: int
+    task: str
+    queue: str
+    args: Any
+    state: str
+    attempts: int
+    celery_task_id: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: Any
+    error: str | None
+    late: bool
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from the last start to the outcome; None until both are known."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "succeeded"
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: str
+    name: str | None
+    state: str
+    fan_in: str
+    branch_total: int
+    branch_done: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    deadline_at: datetime | None
+    result: Any
+    error: str | None
+    branches: tuple[BranchView, ...] = ()
+
+    @property
+    def final(self) -> bool:
+        return self.state in ("succeeded", "partial", "failed", "cancelled")
+
+    @property
+    def duration(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.created_at).total_seconds()
+
+    def counts(self) -> dict[str, int]:
+        """Branches per state, for progress displays."""
+        out: dict[str, int] = {}
+        for b in self.branches:
+            out[b.state] = out.get(b.state, 0) + 1
+        return out
