@@ -1,0 +1,287 @@
+"""The `orchestrator` command: workers, jobs, the database and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import OrchestratorError
+from .settings import Settings
+from .views import JobView
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    """Turns every OrchestratorError into a one-line error and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OrchestratorError as exc:
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def _orchestrator() -> Any:
+    from .api import Orchestrator
+
+    return Orchestrator()
+
+
+def _parse_duration(text: str) -> timedelta:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1] in units:
+            return timedelta(seconds=float(text[:-1]) * units[text[-1]])
+        return timedelta(seconds=float(text))
+    except (ValueError, IndexError):
+        raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 12h or 7d") from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="celery-orchestrator")
+def main() -> None:
+    """Fan-out/fan-in jobs on Celery, tracked in SQL."""
+
+
+# --- workers ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["io", "cpu", "fanin"]))
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Pool size (default from ORCH_*).")
+def worker(kind: str, concurrency: int | None) -> None:
+    """Start a worker pool: prints the exact celery command, then runs it."""
+    from . import database
+    from .embedded import celery_executable, worker_argv
+
+    settings = Settings.from_env()
+    if settings.is_sqlite:
+        database.upgrade(settings.database_url)
+    argv = worker_argv(kind, settings, concurrency)
+    click.echo(shlex.join(argv), err=True)
+    sys.stderr.flush()
+    os.execv(celery_executable(), argv)
+
+
+# --- database --------------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Schema migrations and retention."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply the Alembic migrations to ORCH_DATABASE_URL."""
+    from sqlalchemy.engine import make_url
+
+    from . import database
+
+    settings = Settings.from_env()
+    database.upgrade(settings.database_url, revision)
+    url = make_url(settings.database_url).render_as_string(hide_password=True)
+    click.echo(f"database {url} is at {revision}")
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _branches_from_options(specs: tuple[tuple[str, ...], ...]) -> list[Any]:
+    from .api import branch
+
+    out = []
+    for spec in specs:
+        task, *pairs = spec
+        kwargs: dict[str, Any] = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key.isidentifier():
+                raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--branch")
+            kwargs[key] = _parse_value(value)
+        out.append(branch(task, **kwargs))
+    return out
+
+
+def _branches_from_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
+    from .api import branch
+
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise click.BadParameter(f"cannot read a JSON job spec from {path}: {exc}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("branches"), list):
+        raise click.BadParameter(f"{path}: expected an object with a 'branches' list")
+    out = []
+    for i, b in enumerate(spec["branches"]):
+        if not isinstance(b, dict) or "task" not in b:
+            raise click.BadParameter(f"{path}: branch {i} needs a 'task'")
+        out.append(branch(b["task"], *b.get("args", []), **b.get("kwargs", {})))
+    options = {k: spec[k] for k in ("fan_in", "name") if k in spec}
+    return out, options
+
+
+@main.command()
+@click.argument("spec", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-b", "--branch", "branch_opts", multiple=True, metavar="'TASK [key=value ...]'",
+              help="A branch: the task name, then its keyword arguments (values parsed as JSON).")
+@click.option("--fan-in", help="The aggregator (default jobs.aggregate.collect).")
+@click.option("--name", help="A name shown in listings.")
+@click.option("--wait/--no-wait", default=False, help="Watch the job until it is final.")
+def submit(spec: Path | None, branch_opts: tuple[str, ...], fan_in: str | None,
+           name: str | None, wait: bool) -> None:
+    """Submit a job from a JSON spec file or from -b options."""
+    options: dict[str, Any] = {}
+    if spec is not None and branch_opts:
+        raise click.UsageError("give either a spec file or --branch options, not both")
+    if spec is not None:
+        branches, options = _branches_from_file(spec)
+    else:
+        branches = _branches_from_options(tuple(tuple(shlex.split(b)) for b in branch_opts))
+    orc = _orchestrator()
+    view = orc.submit(branches, fan_in=fan_in or options.get("fan_in", "jobs.aggregate.collect"),
+                      name=name or options.get("name"))
+    click.echo(view.id)
+    if wait:
+        final = _watch(orc, view.id)
+        _print_job(final)
+        sys.exit(0 if final.state in ("succeeded", "partial") else 1)
+
+
+_STATE_STYLE = {
+    "succeeded": "green", "partial": "yellow", "failed": "red", "cancelled": "magenta",
+    "timed_out": "red", "short_circuited": "magenta", "running": "cyan", "pending": "dim",
+    "aggregating": "cyan",
+}  # fmt: skip
+
+
+def _styled(state: str) -> str:
+    return f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def _print_job(view: JobView) -> None:
+    duration = f"{view.duration:.3f}s" if view.duration is not None else "-"
+    console.print(
+        f"job [bold]{view.id}[/bold] {view.name or ''}  {_styled(view.state)}  "
+        f"{view.branch_done}/{view.branch_total} branches  {duration}",
+        highlight=False,
+    )
+    if view.branches:
+        table = Table()
+        widths = {
+            "#": len(str(len(view.branches))),
+            "task": max(len(b.task) for b in view.branches),
+            "queue": max(len(b.queue) for b in view.branches),
+            "state": max(len(b.state) for b in view.branches),
+            "tries": 5,
+            "secs": 6,
+        }
+        for header, width in widths.items():
+            table.add_column(header, no_wrap=True, min_width=max(width, len(header)))
+        rest = console.width - sum(max(w, len(h)) + 3 for h, w in widths.items()) - 4
+        table.add_column("result / error", no_wrap=True, overflow="ellipsis", max_width=max(rest, 12))
+        for b in view.branches:
+            shown = b.error if b.error else json.dumps(b.result)
+            seconds = f"{b.duration:.3f}" if b.duration is not None else "-"
+            table.add_row(str(b.index), b.task, b.queue, _styled(b.state), str(b.attempts), seconds, shown)
+        console.print(table)
+    if view.error:
+        console.print(f"[red]error:[/red] {view.error}", highlight=False)
+    if view.final and view.result is not None:
+        console.print("result:", json.dumps(view.result, indent=2), highlight=False)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(job_id: str, as_json: bool) -> None:
+    """Show a job and its branches."""
+    view = _orchestrator().get(job_id)
+    if as_json:
+        click.echo(json.dumps(_view_dict(view), indent=2, default=str))
+    else:
+        _print_job(view)
+
+
+def _view_dict(view: JobView) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(view)
+
+
+@main.command("list")
+@click.option("--state", type=click.Choice(
+    ["pending", "running", "aggregating", "succeeded", "partial", "failed", "cancelled"]))
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+def list_jobs(state: str | None, limit: int) -> None:
+    """List jobs, newest first."""
+    table = Table("id", "name", "state", "branches", "created", "seconds")
+    for v in _orchestrator().list(state=state, limit=limit):
+        seconds = f"{v.duration:.3f}" if v.duration is not None else "-"
+        table.add_row(v.id, v.name or "", _styled(v.state), f"{v.branch_done}/{v.branch_total}",
+                      v.created_at.strftime("%Y-%m-%d %H:%M:%S"), seconds)
+    console.print(table)
+
+
+def _watch(orc: Any, job_id: str, timeout: float | None = None) -> JobView:
+    started = time.monotonic()
+    view: JobView = orc.get(job_id)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[states]}"), TimeElapsedColumn(), console=console, transient=False,
+    ) as progress:  # fmt: skip
+        bar = progress.add_task(view.name or view.id[:8], total=view.branch_total, states="")
+        while True:
+            view = orc.get(job_id)
+            states = "  ".join(f"{k}={n}" for k, n in sorted(view.counts().items()))
+            progress.update(bar, completed=view.branch_done, states=f"{states}  job={view.state}")
+            if view.final:
+                return view
+            if timeout is not None and time.monotonic() - started > timeout:
+                _fail(f"job {job_id} is still {view.state} after {timeout:g}s")
+            time.sleep(0.1)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 1).")
+def watch(job_id: str, timeout: float | None) -> None:
+    """Live progress of a job until it is final, then its outcome."""
+    orc = _orchestrator()
+    final = _watch(orc, job_id, timeout)
+    _print_job(final)
+    sys.exit(0 if final.state in ("succeeded", "partial") else 1)
+
+
+@main.command()
+def demo() -> None:
+    """Start the three pools, run a mixed io+cpu job with progress, print its outcome, stop the pools."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(console))

@@ -1,0 +1,160 @@
+"""The embedded default: worker pools as local subprocesses, started exactly as `orchestrator worker` runs them.
+
+Used by `orchestrator demo` and by the integration tests, so what is demonstrated and tested is the
+command users and the compose file run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from .errors import OrchestratorError
+from .settings import Settings
+
+KINDS = ("io", "cpu", "fanin")
+
+
+def worker_argv(kind: str, settings: Settings, concurrency: int | None = None) -> list[str]:
+    """The celery command line for one pool; `orchestrator worker KIND` prints and runs it."""
+    if kind == "io":
+        queue, pool, default = settings.io_queue, settings.io_pool, settings.io_concurrency
+    elif kind == "cpu":
+        queue, pool, default = settings.cpu_queue, "prefork", settings.cpu_concurrency
+    elif kind == "fanin":
+        queue, pool, default = settings.fanin_queue, "prefork", settings.fanin_concurrency
+    else:
+        raise OrchestratorError(f"unknown worker kind {kind!r}: expected one of {', '.join(KINDS)}")
+    return [
+        "celery", "-A", "orchestrator.celery_app", "worker",
+        "-Q", queue, "-P", pool, "-c", str(concurrency or default),
+        "-n", f"{kind}@%h", "-l", settings.log_level,
+        "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
+
+
+def celery_executable() -> str:
+    """The `celery` script of this interpreter's environment, so a venv's workers run the venv's code."""
+    beside = Path(sys.executable).with_name("celery")
+    return str(beside) if beside.exists() else (shutil.which("celery") or "celery")
+
+
+def orchestrator_executable() -> list[str]:
+    beside = Path(sys.executable).with_name("orchestrator")
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "orchestrator"]
+
+
+@dataclass
+class WorkerProcess:
+    """One worker pool running as a child process in its own session (so it can be signalled whole)."""
+
+    kind: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.log():
+                return
+            if self.process.poll() is not None:
+                raise OrchestratorError(
+                    f"{self.kind} worker exited with {self.process.returncode}:\n{self.log()[-3000:]}"
+                )
+            time.sleep(0.05)
+        raise OrchestratorError(f"{self.kind} worker not ready after {timeout:g}s:\n{self.log()[-3000:]}")
+
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM): running tasks finish, nothing new is taken."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """Warm shutdown, then SIGKILL of the whole group if it hangs."""
+        if self.process.poll() is None:
+            self.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool children at once, as a crashed host would."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+
+
+def start_worker(
+    kind: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    log_dir: Path,
+    concurrency: int | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> WorkerProcess:
+    """Start `orchestrator worker KIND` as a child process logging to `log_dir/KIND.log`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{kind}-{time.monotonic_ns()}.log"
+    log = log_path.open("wb")
+    argv = [*orchestrator_executable(), "worker", kind]
+    if concurrency is not None:
+        argv += ["--concurrency", str(concurrency)]
+    process = subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ if env is None else env),
+        cwd=cwd,
+        start_new_session=True,
+    )
+    return WorkerProcess(kind=kind, process=process, log_path=log_path, _log=log)
+
+
+def start_pools(
+    kinds: Iterable[str] = KINDS,
+    *,
+    env: Mapping[str, str] | None = None,
+    log_dir: Path,
+    concurrency: Mapping[str, int] | None = None,
+    timeout: float = 60.0,
+) -> list[WorkerProcess]:
+    """Start several pools in parallel and wait until each says it is ready; stop them all on failure."""
+    workers = [
+        start_worker(k, env=env, log_dir=log_dir, concurrency=(concurrency or {}).get(k)) for k in kinds
+    ]
+    try:
+        for w in workers:
+            w.wait_ready(timeout)
+    except BaseException:
+        stop_all(workers, timeout=5)
+        raise
+    return workers
+
+
+def stop_all(workers: Iterable[WorkerProcess], timeout: float = 15.0) -> list[int | None]:
+    """Signal every worker first, then wait: shutdowns overlap instead of adding up."""
+    workers = list(workers)
+    for w in workers:
+        w.terminate()
+    return [w.stop(timeout) for w in workers]
