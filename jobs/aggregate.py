@@ -17,11 +17,10 @@ def collect(outcomes: list[BranchOutcome]) -> dict[str, Any]:
 @aggregator
 def total(outcomes: list[BranchOutcome]) -> float:
     """Sum of the numeric results of the branches that succeeded."""
-    values = [o.result for o in outcomes if o.ok]
     bad = [o.index for o in outcomes if o.ok and not isinstance(o.result, (int, float))]
     if bad:
         raise TypeError(f"branches {bad} returned non-numeric results")
-    return sum(values)
+    return float(sum(o.result for o in outcomes if o.ok))
 
 
 @aggregator

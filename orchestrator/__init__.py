@@ -1,9 +1,9 @@
 """Fan-out/fan-in jobs on Celery, with every job and branch tracked in SQL.
 
-    from orchestrator import Orchestrator, branch
-    orc = Orchestrator()
-    job = orc.submit([branch("jobs.io.sleep", seconds=0.2)] * 8, fan_in="jobs.aggregate.collect")
-    print(orc.wait(job.id, timeout=30).state)
+from orchestrator import Orchestrator, branch
+orc = Orchestrator()
+job = orc.submit([branch("jobs.io.sleep", seconds=0.2)] * 8, fan_in="jobs.aggregate.collect")
+print(orc.wait(job.id, timeout=30).state)
 """
 
 from .api import BranchSpec, Orchestrator, branch

@@ -81,7 +81,9 @@ class Orchestrator:
                 raise InvalidJobSpec(f"branch {i} must be built with branch(task, ...), got {spec!r}")
             task = registry.lookup(spec.task, expect=[TaskKind.IO, TaskKind.CPU])
             args, kwargs = _json_args(i, spec)
-            new.append(NewBranch(task=task.name, queue=self.settings.queue_for(task.kind), args=args, kwargs=kwargs))
+            new.append(
+                NewBranch(task=task.name, queue=self.settings.queue_for(task.kind), args=args, kwargs=kwargs)
+            )
         return new
 
     def submit(
@@ -99,7 +101,10 @@ class Orchestrator:
         if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
             raise InvalidJobSpec(f"fan_in_timeout must be a positive number of seconds, got {timeout!r}")
         job_id, created = self.store.create_job(
-            name=name, fan_in=str(fan_in), branches=new, idempotency_key=idempotency_key,
+            name=name,
+            fan_in=str(fan_in),
+            branches=new,
+            idempotency_key=idempotency_key,
             fan_in_timeout=float(timeout),
         )
         if created:

@@ -36,9 +36,7 @@ def broker_transport_options(s: Settings) -> dict[str, Any]:
 
 
 def make_app(s: Settings, *, set_as_current: bool = True) -> Celery:
-    app = Celery(
-        "orchestrator", broker=s.broker_url, backend=s.result_backend, set_as_current=set_as_current
-    )
+    app = Celery("orchestrator", broker=s.broker_url, backend=s.result_backend, set_as_current=set_as_current)
     exchange = Exchange("orchestrator", type="direct")
     app.conf.update(
         task_serializer="json",

@@ -149,13 +149,20 @@ def _branches_from_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
 
 @main.command()
 @click.argument("spec", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-b", "--branch", "branch_opts", multiple=True, metavar="'TASK [key=value ...]'",
-              help="A branch: the task name, then its keyword arguments (values parsed as JSON).")
+@click.option(
+    "-b",
+    "--branch",
+    "branch_opts",
+    multiple=True,
+    metavar="'TASK [key=value ...]'",
+    help="A branch: the task name, then its keyword arguments (values parsed as JSON).",
+)
 @click.option("--fan-in", help="The aggregator (default jobs.aggregate.collect).")
 @click.option("--name", help="A name shown in listings.")
 @click.option("--wait/--no-wait", default=False, help="Watch the job until it is final.")
-def submit(spec: Path | None, branch_opts: tuple[str, ...], fan_in: str | None,
-           name: str | None, wait: bool) -> None:
+def submit(
+    spec: Path | None, branch_opts: tuple[str, ...], fan_in: str | None, name: str | None, wait: bool
+) -> None:
     """Submit a job from a JSON spec file or from -b options."""
     options: dict[str, Any] = {}
     if spec is not None and branch_opts:
@@ -165,8 +172,11 @@ def submit(spec: Path | None, branch_opts: tuple[str, ...], fan_in: str | None,
     else:
         branches = _branches_from_options(tuple(tuple(shlex.split(b)) for b in branch_opts))
     orc = _orchestrator()
-    view = orc.submit(branches, fan_in=fan_in or options.get("fan_in", "jobs.aggregate.collect"),
-                      name=name or options.get("name"))
+    view = orc.submit(
+        branches,
+        fan_in=fan_in or options.get("fan_in", "jobs.aggregate.collect"),
+        name=name or options.get("name"),
+    )
     click.echo(view.id)
     if wait:
         final = _watch(orc, view.id)
@@ -236,16 +246,24 @@ def _view_dict(view: JobView) -> dict[str, Any]:
 
 
 @main.command("list")
-@click.option("--state", type=click.Choice(
-    ["pending", "running", "aggregating", "succeeded", "partial", "failed", "cancelled"]))
+@click.option(
+    "--state",
+    type=click.Choice(["pending", "running", "aggregating", "succeeded", "partial", "failed", "cancelled"]),
+)
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
 def list_jobs(state: str | None, limit: int) -> None:
     """List jobs, newest first."""
     table = Table("id", "name", "state", "branches", "created", "seconds")
     for v in _orchestrator().list(state=state, limit=limit):
         seconds = f"{v.duration:.3f}" if v.duration is not None else "-"
-        table.add_row(v.id, v.name or "", _styled(v.state), f"{v.branch_done}/{v.branch_total}",
-                      v.created_at.strftime("%Y-%m-%d %H:%M:%S"), seconds)
+        table.add_row(
+            v.id,
+            v.name or "",
+            _styled(v.state),
+            f"{v.branch_done}/{v.branch_total}",
+            v.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            seconds,
+        )
     console.print(table)
 
 

@@ -19,10 +19,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     """A local stand-in for the shard services the io branches fetch from (no network needed)."""
 
     def do_GET(self) -> None:
-        size = int(self.path.rsplit("/", 1)[-1] or 0) if self.path.startswith("/bytes/") else 13
-        body = b"x" * size if self.path.startswith("/bytes/") else b"hello, shard\n"
+        kind, _, arg = self.path.lstrip("/").partition("/")
+        status, body = 200, b"hello, shard\n"
+        if kind == "bytes" and arg.isdigit():
+            body = b"x" * int(arg)
+        elif kind == "status" and arg.isdigit():
+            status, body = int(arg), b""
         time.sleep(0.05)
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -54,8 +58,11 @@ def run_demo(console: Console) -> int:
     started = time.perf_counter()
     with console.status("starting the io, cpu and fanin worker pools..."):
         workers = start_pools(env=None, log_dir=settings.home / "logs", concurrency={"io": 16})
-    console.print(f"3 pools ready in {time.perf_counter() - started:.1f}s (pids "
-                  + ", ".join(f"{w.kind}={w.pid}" for w in workers) + ")")
+    console.print(
+        f"3 pools ready in {time.perf_counter() - started:.1f}s (pids "
+        + ", ".join(f"{w.kind}={w.pid}" for w in workers)
+        + ")"
+    )
     try:
         with local_http_server() as base:
             branches = (

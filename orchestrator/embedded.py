@@ -1,4 +1,4 @@
-"""The embedded default: worker pools as local subprocesses, started exactly as `orchestrator worker` runs them.
+"""The embedded default: worker pools as local subprocesses, started as `orchestrator worker` runs them.
 
 Used by `orchestrator demo` and by the integration tests, so what is demonstrated and tested is the
 command users and the compose file run.
@@ -6,6 +6,7 @@ command users and the compose file run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -98,10 +99,8 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the worker and its pool children at once, as a crashed host would."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(10)
 
 

@@ -45,9 +45,7 @@ class JobState(enum.StrEnum):
         return self in FINAL_JOB_STATES
 
 
-FINAL_JOB_STATES = frozenset(
-    {JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED}
-)
+FINAL_JOB_STATES = frozenset({JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED})
 
 
 class BranchState(enum.StrEnum):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import ConfigurationError
 
+
 def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 1) -> int:
     raw = env.get(key)
     if raw is None or raw == "":
@@ -112,4 +113,3 @@ class Settings:
             visibility_timeout=_int(env, "ORCH_VISIBILITY_TIMEOUT", 3600),
             log_level=env.get("ORCH_LOG_LEVEL", "INFO"),
         )
-

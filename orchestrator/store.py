@@ -172,9 +172,7 @@ class Store:
                 .values(state=state, result=result, error=error, finished_at=now)
             ).rowcount
             if won:
-                conn.execute(
-                    update(Job).where(Job.id == job_id).values(branch_done=Job.branch_done + 1)
-                )
+                conn.execute(update(Job).where(Job.id == job_id).values(branch_done=Job.branch_done + 1))
                 return True
             conn.execute(
                 update(Branch)

@@ -42,7 +42,9 @@ def _json_or_error(value: Any) -> str | None:
     return None
 
 
-def run_branch(task: Task, spec: TaskSpec, job_id: str, index: int, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+def run_branch(
+    task: Task, spec: TaskSpec, job_id: str, index: int, args: list[Any], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     jid = uuid.UUID(job_id)
     attempt = store().start_branch(jid, index, task.request.id)
     if attempt is None:
@@ -67,12 +69,16 @@ def run_branch(task: Task, spec: TaskSpec, job_id: str, index: int, args: list[A
 def register_branch_task(spec: TaskSpec) -> None:
     """Register `spec` as a Celery task named like the catalog function, routed by its kind."""
 
-    def runner(self: Task, job_id: str, index: int, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def runner(
+        self: Task, job_id: str, index: int, args: list[Any], kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
         return run_branch(self, spec, job_id, index, args, kwargs)
 
     runner.__name__ = spec.fn.__name__
     runner.__doc__ = spec.fn.__doc__
-    app.task(name=spec.name, bind=True, queue=settings.queue_for(spec.kind), typing=False, shared=False)(runner)
+    app.task(name=spec.name, bind=True, queue=settings.queue_for(spec.kind), typing=False, shared=False)(
+        runner
+    )
 
 
 @app.task(name="orchestrator.fan_in", bind=True, typing=False)
@@ -95,8 +101,10 @@ def fan_in(self: Task, _header: Any, job_id: str) -> dict[str, Any]:
             spec = lookup(claim.fan_in, expect=[TaskKind.AGGREGATOR])
             result = spec.fn(outcomes)
             error = _json_or_error(result)
-            state = JobState.FAILED if error else (
-                JobState.SUCCEEDED if succeeded == len(outcomes) else JobState.PARTIAL
+            state = (
+                JobState.FAILED
+                if error
+                else (JobState.SUCCEEDED if succeeded == len(outcomes) else JobState.PARTIAL)
             )
             if error:
                 result = None

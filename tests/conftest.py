@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from orchestrator import Orchestrator, Settings
+from orchestrator.database import get_engine
+from orchestrator.embedded import KINDS, WorkerProcess, start_pools, start_worker, stop_all
+from orchestrator.models import Branch, Job
+from tests.services import postgres_database, rabbitmq_vhost, redis_database
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment a worker or client of one test stack sees: ORCH_* only, nothing inherited."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env.update(
+        ORCH_HOME=str(home),
+        ORCH_IMPORTS="tests.catalog",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        ORCH_LOG_LEVEL="INFO",
+    )
+    env.update(extra)
+    return env
+
+
+def row_counts(orc: Orchestrator) -> tuple[int, int]:
+    with get_engine(orc.settings.database_url).connect() as conn:
+        jobs = conn.execute(select(func.count()).select_from(Job)).scalar_one()
+        branches = conn.execute(select(func.count()).select_from(Branch)).scalar_one()
+    return jobs, branches
+
+
+@dataclass
+class Stack:
+    """One deployment under test: its environment, its client and its running worker pools."""
+
+    name: str
+    env: dict[str, str]
+    home: Path
+    workers: dict[str, WorkerProcess] = field(default_factory=dict)
+    _orc: Orchestrator | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return Settings.from_env(self.env)
+
+    @property
+    def orc(self) -> Orchestrator:
+        if self._orc is None:
+            self._orc = Orchestrator(self.settings, migrate=True)
+        return self._orc
+
+    def start(self, kinds: tuple[str, ...] = KINDS) -> None:
+        assert self.orc.settings.database_url  # migrate before any worker touches the database
+        started = start_pools(
+            kinds, env=self.env, log_dir=self.home / "logs", concurrency={"io": 16, "cpu": 2, "fanin": 2}
+        )
+        self.workers.update({w.kind: w for w in started})
+
+    def restart(self, kind: str) -> WorkerProcess:
+        old = self.workers.get(kind)
+        if old is not None:
+            old.stop(timeout=10)
+        worker = start_worker(
+            kind, env=self.env, log_dir=self.home / "logs", concurrency={"io": 16, "cpu": 2, "fanin": 2}[kind]
+        )
+        worker.wait_ready(60)
+        self.workers[kind] = worker
+        return worker
+
+    def stop(self) -> None:
+        stop_all(self.workers.values(), timeout=20)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {k}\n{w.log()[-4000:]}" for k, w in self.workers.items())
+
+
+STACKS = ("sqlite-embedded", "postgres-redis", "postgres-rabbitmq")
+
+
+@contextmanager
+def stack_services(name: str, home: Path) -> Iterator[dict[str, str]]:
+    """Environment for one stack, with fresh service namespaces that are removed afterwards."""
+    if name == "sqlite-embedded":
+        yield base_env(home)
+    elif name == "postgres-redis":
+        with postgres_database() as db, redis_database(7) as broker:
+            # Redis as broker and as result backend: the chord joins with Redis' atomic counter.
+            yield base_env(
+                home,
+                ORCH_DATABASE_URL=db,
+                ORCH_BROKER_URL=broker,
+                ORCH_RESULT_BACKEND=broker,
+                ORCH_VISIBILITY_TIMEOUT="30",
+            )
+    elif name == "postgres-rabbitmq":
+        with postgres_database() as db, rabbitmq_vhost() as broker:
+            # The default result backend: results and the chord join in PostgreSQL.
+            yield base_env(home, ORCH_DATABASE_URL=db, ORCH_BROKER_URL=broker)
+    else:
+        raise ValueError(name)
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A running deployment (all three pools), one per stack, shared by a test module."""
+    home = tmp_path_factory.mktemp(request.param)
+    with stack_services(request.param, home) as env:
+        s = Stack(request.param, env, home)
+        s.start()
+        try:
+            yield s
+        finally:
+            s.stop()
+
+
+@pytest.fixture
+def rabbit_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A PostgreSQL + RabbitMQ deployment of the test's own, for tests that kill its workers."""
+    with stack_services("postgres-rabbitmq", tmp_path) as env:
+        s = Stack("postgres-rabbitmq", env, tmp_path)
+        s.start()
+        try:
+            yield s
+        finally:
+            s.stop()
+
+
+@pytest.fixture
+def embedded_orc(tmp_path: Path) -> Orchestrator:
+    """A client on a fresh embedded home (SQLite + file-system broker) with no workers running."""
+    return Orchestrator(Settings.from_env(base_env(tmp_path)))

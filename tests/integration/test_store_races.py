@@ -1,0 +1,72 @@
+"""Conditional UPDATEs under real contention: many threads and processes make the same move, one wins."""
+
+from __future__ import annotations
+
+import multiprocessing
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from orchestrator import database
+from orchestrator.models import BranchState, JobState
+from orchestrator.store import NewBranch, Store
+from tests.services import postgres_database
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "postgres":
+        with postgres_database() as url:
+            database.upgrade(url)
+            yield Store(url)
+    else:
+        url = f"sqlite:///{tmp_path / 'race.db'}"
+        database.upgrade(url)
+        yield Store(url)
+
+
+def _job(store: Store, n: int) -> uuid.UUID:
+    job_id, _ = store.create_job(
+        name="race",
+        fan_in="jobs.aggregate.collect",
+        branches=[NewBranch("jobs.io.sleep", "io", [0], {}) for _ in range(n)],
+    )
+    store.mark_published(job_id)
+    return job_id
+
+
+def _finish(args: tuple[str, str, int]) -> bool:
+    url, job_id, index = args
+    return Store(url).finish_branch(uuid.UUID(job_id), index, BranchState.SUCCEEDED, index, None)
+
+
+@pytest.mark.integration
+def test_one_outcome_per_branch_under_racing_threads_and_processes(store: Store) -> None:
+    job_id = _job(store, 4)
+    for i in range(4):
+        assert store.start_branch(job_id, i, f"t{i}") == 1
+    work = [(store.database_url, str(job_id), i % 4) for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        thread_wins = list(pool.map(_finish, work[:32]))
+    with multiprocessing.get_context("spawn").Pool(4) as procs:
+        process_wins = procs.map(_finish, work[32:])
+    assert sum(thread_wins) + sum(process_wins) == 4  # one winner per branch, across both
+    view = store.get(job_id)
+    assert view.branch_done == 4
+    assert store.start_branch(job_id, 0, "redelivered") is None
+
+
+@pytest.mark.integration
+def test_a_job_is_claimed_and_finalized_once(store: Store) -> None:
+    job_id = _job(store, 1)
+    with ThreadPoolExecutor(16) as pool:
+        claims = list(pool.map(lambda _: store.claim_fan_in(job_id), range(16)))
+    assert sum(c is not None for c in claims) == 1
+    with ThreadPoolExecutor(16) as pool:
+        finals = list(pool.map(lambda _: store.finalize(job_id, JobState.SUCCEEDED, 1, None), range(16)))
+    assert sum(finals) == 1
+    assert store.claim_fan_in(job_id, redelivered=True) is None
+    assert store.get(job_id).state == "succeeded"

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator import ConfigurationError, Settings
+from orchestrator.embedded import worker_argv
+
+
+def test_nothing_set_means_the_embedded_default(tmp_path: Path) -> None:
+    s = Settings.from_env({"ORCH_HOME": str(tmp_path)})
+    assert s.embedded and s.is_sqlite
+    assert s.database_url == f"sqlite:///{tmp_path / 'orchestrator.db'}"
+    assert s.broker_url == "filesystem://"
+    assert s.result_backend == f"orchestrator.backend:SQLBackend+{s.database_url}"
+    assert s.imports == ("jobs",)
+
+
+def test_production_urls_and_imports() -> None:
+    s = Settings.from_env(
+        {
+            "ORCH_DATABASE_URL": "postgresql://app:secret@db/orch",
+            "ORCH_BROKER_URL": "amqp://guest:guest@rabbit//",
+            "ORCH_IMPORTS": "myjobs.io, myjobs.cpu,,jobs",
+        }
+    )
+    assert s.database_url == "postgresql+psycopg://app:secret@db/orch"
+    assert not s.embedded
+    assert s.imports == ("jobs", "myjobs.io", "myjobs.cpu")
+    assert s.queue_for("io") == "io" and s.queue_for("cpu") == "cpu" and s.queue_for("aggregator") == "fanin"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ORCH_SERIALIZER": "pickle"}, "JSON is the only accepted serializer"),
+        ({"ORCH_IO_CONCURRENCY": "many"}, "ORCH_IO_CONCURRENCY must be an integer"),
+        ({"ORCH_CPU_CONCURRENCY": "0"}, "ORCH_CPU_CONCURRENCY must be >= 1"),
+        ({"ORCH_FAN_IN_TIMEOUT": "-1"}, "ORCH_FAN_IN_TIMEOUT must be positive"),
+        ({"ORCH_IO_POOL": "prefork"}, "ORCH_IO_POOL must be threads or gevent"),
+    ],
+)
+def test_bad_settings_are_refused_clearly(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Settings.from_env(env)
+
+
+def test_worker_commands_are_the_documented_celery_commands(tmp_path: Path) -> None:
+    s = Settings.from_env({"ORCH_HOME": str(tmp_path), "ORCH_CPU_CONCURRENCY": "2"})
+    documented = {
+        "io": "celery -A orchestrator.celery_app worker -Q io -P threads -c 64",
+        "cpu": "celery -A orchestrator.celery_app worker -Q cpu -P prefork -c 2",
+        "fanin": "celery -A orchestrator.celery_app worker -Q fanin -P prefork -c 2",
+    }
+    for kind, command in documented.items():
+        assert " ".join(worker_argv(kind, s)).startswith(command + " ")
+    gevent = Settings.from_env(
+        {"ORCH_HOME": str(tmp_path), "ORCH_IO_POOL": "gevent", "ORCH_IO_CONCURRENCY": "500"}
+    )
+    assert worker_argv("io", gevent)[6:10] == ["-P", "gevent", "-c", "500"]

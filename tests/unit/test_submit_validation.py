@@ -1,0 +1,115 @@
+"""Every bad spec raises a clear InvalidJobSpec and leaves nothing behind: no rows, no messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from orchestrator import (
+    ArgumentsNotSerializable,
+    InvalidJobSpec,
+    JobNotFound,
+    Orchestrator,
+    UnknownTask,
+    WaitTimeout,
+    WrongTaskKind,
+    branch,
+)
+from tests.conftest import row_counts
+
+
+def _published(orc: Orchestrator) -> list[str]:
+    return [p.name for p in (orc.settings.broker_folder / "queue").iterdir()]
+
+
+@pytest.mark.parametrize(
+    ("branches", "fan_in", "error", "message"),
+    [
+        ([branch("jobs.io.nope")], "jobs.aggregate.collect", UnknownTask, "unknown task 'jobs.io.nope'"),
+        (
+            [branch("jobs.io.sleep", 1)],
+            "jobs.aggregate.nope",
+            UnknownTask,
+            "unknown task 'jobs.aggregate.nope'",
+        ),
+        (
+            [branch("jobs.aggregate.total")],
+            "jobs.aggregate.collect",
+            WrongTaskKind,
+            "'jobs.aggregate.total' is declared as aggregator, but io or cpu is required",
+        ),
+        (
+            [branch("jobs.io.sleep", 1)],
+            "jobs.io.sleep",
+            WrongTaskKind,
+            "'jobs.io.sleep' is declared as io, but aggregator is required",
+        ),
+        (
+            [branch("jobs.io.sleep", 1), branch("jobs.io.sleep", seconds={1, 2})],
+            "jobs.aggregate.collect",
+            ArgumentsNotSerializable,
+            "branch 1 \\(jobs.io.sleep\\): arguments are not JSON-serializable",
+        ),
+        (
+            [branch("jobs.io.sleep", float("nan"))],
+            "jobs.aggregate.collect",
+            ArgumentsNotSerializable,
+            "not JSON-serializable",
+        ),
+        ([], "jobs.aggregate.collect", InvalidJobSpec, "at least one branch"),
+        ([branch(42)], "jobs.aggregate.collect", UnknownTask, "task name must be a non-empty string"),  # type: ignore[arg-type]
+        ([branch("jobs.io.sleep", 1)], None, UnknownTask, "task name must be a non-empty string"),
+        (["jobs.io.sleep"], "jobs.aggregate.collect", InvalidJobSpec, "must be built with branch"),
+        ("jobs.io.sleep", "jobs.aggregate.collect", InvalidJobSpec, "must be a list"),
+    ],
+)
+def test_bad_spec_raises_and_writes_nothing(
+    embedded_orc: Orchestrator, branches: Any, fan_in: Any, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        embedded_orc.submit(branches, fan_in=fan_in)
+    assert row_counts(embedded_orc) == (0, 0)
+    assert _published(embedded_orc) == []
+
+
+def test_bad_fan_in_timeout_and_name(embedded_orc: Orchestrator) -> None:
+    with pytest.raises(InvalidJobSpec, match="fan_in_timeout must be a positive"):
+        embedded_orc.submit([branch("jobs.io.sleep", 1)], "jobs.aggregate.collect", fan_in_timeout=0)
+    with pytest.raises(InvalidJobSpec, match="name must be a string"):
+        embedded_orc.submit([branch("jobs.io.sleep", 1)], "jobs.aggregate.collect", name="x" * 201)
+    assert row_counts(embedded_orc) == (0, 0)
+
+
+def test_a_good_spec_is_recorded_and_published_once(embedded_orc: Orchestrator) -> None:
+    job = embedded_orc.submit(
+        [branch("jobs.io.sleep", 0.1), branch("jobs.cpu.count_primes", limit=10)],
+        "jobs.aggregate.collect",
+        name="ok",
+        idempotency_key="k1",
+    )
+    assert job.state == "running" and [b.state for b in job.branches] == ["pending", "pending"]
+    assert [b.args for b in job.branches] == [
+        {"args": [0.1], "kwargs": {}},
+        {"args": [], "kwargs": {"limit": 10}},
+    ]
+    again = embedded_orc.submit(
+        [branch("jobs.io.sleep", 0.1)], "jobs.aggregate.collect", idempotency_key="k1"
+    )
+    assert again.id == job.id
+    assert row_counts(embedded_orc) == (1, 2)
+    queues = sorted(name.rsplit(".", 2)[-2] for name in _published(embedded_orc))
+    assert queues == ["cpu", "io"]  # one message per branch; the body waits for the chord join
+
+
+def test_unknown_job_ids(embedded_orc: Orchestrator) -> None:
+    with pytest.raises(JobNotFound, match="no job"):
+        embedded_orc.get("00000000-0000-0000-0000-000000000000")
+    with pytest.raises(JobNotFound, match="not a job id"):
+        embedded_orc.wait("not-a-uuid", timeout=1)
+
+
+def test_wait_times_out_on_a_job_no_worker_runs(embedded_orc: Orchestrator) -> None:
+    job = embedded_orc.submit([branch("jobs.io.sleep", 0.1)], "jobs.aggregate.collect")
+    with pytest.raises(WaitTimeout, match=f"job {job.id} is still running after 0.2s"):
+        embedded_orc.wait(job.id, timeout=0.2)
