@@ -81,6 +81,21 @@ def worker(kind: str, concurrency: int | None) -> None:
     os.execv(celery_executable(), argv)
 
 
+@main.command()
+@click.option("--port", default=5555, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--address", default="0.0.0.0", show_default=True)
+def flower(port: int, address: str) -> None:
+    """Start Flower on the workers' broker; basic auth comes from FLOWER_BASIC_AUTH (user:password)."""
+    from .embedded import celery_executable, flower_argv
+
+    if not os.environ.get("FLOWER_BASIC_AUTH"):
+        raise click.UsageError("set FLOWER_BASIC_AUTH=user:password: Flower can revoke and kill tasks")
+    argv = flower_argv(port, address)
+    click.echo(shlex.join(argv), err=True)
+    sys.stderr.flush()
+    os.execv(celery_executable(), argv)
+
+
 # --- database --------------------------------------------------------------------------------------
 
 

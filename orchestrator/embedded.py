@@ -42,6 +42,11 @@ def worker_argv(kind: str, settings: Settings, concurrency: int | None = None) -
     ]  # fmt: skip
 
 
+def flower_argv(port: int = 5555, address: str = "0.0.0.0") -> list[str]:
+    """Flower reads FLOWER_BASIC_AUTH (and every other FLOWER_* option) from the environment itself."""
+    return ["celery", "-A", "orchestrator.celery_app", "flower", f"--port={port}", f"--address={address}"]
+
+
 def celery_executable() -> str:
     """The `celery` script of this interpreter's environment, so a venv's workers run the venv's code."""
     beside = Path(sys.executable).with_name("celery")
