@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery import maybe_signature
+from celery import bootsteps, maybe_signature
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import ChordError, ImproperlyConfigured
 from celery.result import GroupResult, allow_join_result
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .database import get_engine
@@ -37,6 +38,15 @@ def _bytes(value: str | bytes) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
+@dataclass(frozen=True)
+class _Part:
+    done: int
+    total: int | None
+    counted: bool  # this delivery counted the part (False: a redelivery found it counted)
+    fired: bool
+    claimed: bool = False  # this delivery reached the total and owns the publish
+
+
 class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
     """`ORCH_RESULT_BACKEND=sql` (the default): results and chord joins in the orchestrator's database."""
 
@@ -49,6 +59,8 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         if not url:
             raise ImproperlyConfigured("SQLBackend needs a database URL, e.g. orchestrator+sqlite:///x.db")
         self.url = url
+        #: Seconds after which a publish claim whose worker never marked the body sent may be taken over.
+        self.publish_lease = float(self.app.conf.get("chord_publish_lease") or 30.0)
         self._insert = (postgresql if url.startswith("postgres") else sqlite).insert
 
     @property
@@ -91,65 +103,130 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
             conn.execute(delete(ResultRecord).where(ResultRecord.key == _key(key)))
 
     def incr(self, key: str | bytes) -> int:
-        """Celery's generic counter; the chord join below uses its own deduplicated counter instead."""
-        return self._count(_key(key), None)[0]
+        """Celery's generic counter (unused by the chord join, which counts each part once)."""
+        stmt = self._insert(ChordCounter).values(group_id=_key(key), done=1, fired=False, created_at=utcnow())
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[ChordCounter.group_id], set_={"done": ChordCounter.done + 1}
+        ).returning(ChordCounter.done)
+        with self.engine.begin() as conn:
+            return int(conn.execute(stmt).scalar_one())
 
     def expire(self, key: str | bytes, value: Any) -> None:
         """Retention is by age (`orchestrator db prune`), not per key."""
 
     # --- the chord join ----------------------------------------------------------------------------
 
+    def _apply_chord_incr(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
+        """Save the group and the body before the header is sent: the body row is our outbox."""
+        super()._apply_chord_incr(header_result_args, body, **kwargs)
+        self._upsert_counter(header_result_args[0], {"body": dict(body)})
+
     def set_chord_size(self, group_id: str, chord_size: int) -> None:
+        self._upsert_counter(group_id, {"total": chord_size})
+
+    def _upsert_counter(self, group_id: str, values: dict[str, Any]) -> None:
         stmt = self._insert(ChordCounter).values(
-            group_id=group_id, done=0, total=chord_size, fired=False, created_at=utcnow()
+            group_id=group_id, done=0, fired=False, created_at=utcnow(), **values
         )
-        stmt = stmt.on_conflict_do_update(index_elements=[ChordCounter.group_id], set_={"total": chord_size})
+        stmt = stmt.on_conflict_do_update(index_elements=[ChordCounter.group_id], set_=values)
         with self.engine.begin() as conn:
             conn.execute(stmt)
 
-    def _count(self, group_id: str, task_id: str | None) -> tuple[int, int | None, bool, bool]:
-        """Count one part once: returns (done, total, fired, counted_now) in one transaction."""
+    def _count(self, group_id: str, task_id: str) -> _Part:
+        """Count one part once, and claim the publish if it is the last, in one transaction."""
         with self.engine.begin() as conn:
-            if task_id is not None:
-                claimed = conn.execute(
-                    self._insert(ChordPart)
-                    .values(group_id=group_id, task_id=task_id)
-                    .on_conflict_do_nothing(index_elements=[ChordPart.group_id, ChordPart.task_id])
-                ).rowcount
-                if not claimed:
-                    row = conn.execute(
-                        select(ChordCounter.done, ChordCounter.total, ChordCounter.fired).where(
-                            ChordCounter.group_id == group_id
-                        )
-                    ).one()
-                    return row.done, row.total, row.fired, False
+            # RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT DO NOTHING.
+            new = conn.execute(
+                self._insert(ChordPart)
+                .values(group_id=group_id, task_id=task_id)
+                .on_conflict_do_nothing(index_elements=[ChordPart.group_id, ChordPart.task_id])
+                .returning(ChordPart.task_id)
+            ).first()
+            if new is None:
+                row = conn.execute(
+                    select(ChordCounter.done, ChordCounter.total, ChordCounter.fired).where(
+                        ChordCounter.group_id == group_id
+                    )
+                ).one()
+                return _Part(row.done, row.total, counted=False, fired=row.fired)
             stmt = self._insert(ChordCounter).values(
-                group_id=group_id, done=1, total=None, fired=False, created_at=utcnow()
+                group_id=group_id, done=1, fired=False, created_at=utcnow()
             )
             stmt = stmt.on_conflict_do_update(
                 index_elements=[ChordCounter.group_id], set_={"done": ChordCounter.done + 1}
-            ).returning(ChordCounter.done, ChordCounter.total, ChordCounter.fired)
+            ).returning(ChordCounter.done, ChordCounter.total)
             row = conn.execute(stmt).one()
-            return row.done, row.total, row.fired, True
+            claimed = False
+            if row.total is not None and row.done == row.total:
+                claimed = bool(
+                    conn.execute(
+                        update(ChordCounter)
+                        .where(ChordCounter.group_id == group_id, ChordCounter.claimed_by.is_(None))
+                        .values(claimed_by=task_id, claimed_at=utcnow())
+                    ).rowcount
+                )
+            return _Part(row.done, row.total, counted=True, fired=False, claimed=claimed)
+
+    def _take_over(self, group_id: str, task_id: str, redelivered: bool) -> bool:
+        """Claim the publish of a chord whose claimer died: our own earlier delivery, or an expired lease."""
+        stale = utcnow() - timedelta(seconds=self.publish_lease)
+        orphaned = or_(ChordCounter.claimed_by.is_(None), ChordCounter.claimed_at < stale)
+        if redelivered:
+            orphaned = or_(orphaned, ChordCounter.claimed_by == task_id)
+        with self.engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    update(ChordCounter)
+                    .where(ChordCounter.group_id == group_id, ChordCounter.fired.is_(False), orphaned)
+                    .values(claimed_by=task_id, claimed_at=utcnow())
+                ).rowcount
+            )
 
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> None:
         gid, tid = request.group, request.id
         if not gid or not tid or not request.chord:
             return
-        done, total, fired, counted_now = self._count(gid, tid)
-        if total is None:
-            total = request.chord.get("chord_size")
-        if total is None or done < total:
+        part = self._count(gid, tid)
+        total = part.total if part.total is not None else request.chord.get("chord_size")
+        if total is None or part.done < total or part.fired:
             return
-        if not counted_now and fired:
-            return  # a redelivered part of a chord whose body is already out
-        if not counted_now:
-            # The part that reached the total died before publishing: its redelivery publishes instead.
-            logger.warning("chord %s: re-publishing a body that was never marked sent", gid)
-        elif done > total:
-            logger.warning("chord %s counted %d parts for %d", gid, done, total)
-            return
+        if part.counted:
+            if part.done > total:
+                logger.warning("chord %s counted %d parts for %d", gid, part.done, total)
+            if not part.claimed:
+                return
+        else:
+            # A redelivered part of a complete chord whose body is not out: was its publisher lost?
+            redelivered = bool((request.delivery_info or {}).get("redelivered"))
+            if not self._take_over(gid, tid, redelivered):
+                return
+            logger.warning("chord %s: publishing the body in place of a lost publisher", gid)
         self._fire(gid, request.chord)
+
+    def recover(self) -> int:
+        """Publish the bodies of complete chords whose publisher died (claim older than the lease).
+
+        Celery acks a task whose result was stored before its pool child died, so such a part is never
+        redelivered: without this sweep its chord would wait forever. Returns how many were published.
+        """
+        stale = utcnow() - timedelta(seconds=self.publish_lease)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(ChordCounter.group_id, ChordCounter.body)
+                .where(
+                    ChordCounter.fired.is_(False),
+                    ChordCounter.claimed_at < stale,
+                    ChordCounter.body.is_not(None),
+                )
+                .limit(100)
+            ).all()
+        published = 0
+        for row in rows:
+            if self._take_over(row.group_id, "recover", redelivered=False):
+                logger.warning("chord %s: publishing the body in place of a lost publisher", row.group_id)
+                self._fire(row.group_id, row.body)
+                published += 1
+        return published
 
     def _fire(self, gid: str, body: Any) -> None:
         app = self.app
@@ -157,28 +234,28 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         deps = GroupResult.restore(gid, backend=self)
         if deps is None:
             self.chord_error_from_stack(callback, ChordError(f"GroupResult {gid} no longer exists"))
-            return
-        try:
-            with allow_join_result():
-                ret = deps.join_native(timeout=app.conf.result_chord_join_timeout, propagate=True)
-        except Exception as exc:
-            try:
-                culprit = next(deps._failed_join_report())
-                reason = f"Dependency {culprit.id} raised {exc!r}"
-            except StopIteration:
-                reason = repr(exc)
-            logger.error("chord %s raised: %s", gid, reason)
-            error = ChordError(reason)
-            error.__cause__ = exc
-            self.chord_error_from_stack(callback=callback, exc=error)
         else:
             try:
-                app.amqp._retry_publish(callback.delay, ret)
+                with allow_join_result():
+                    ret = deps.join_native(timeout=app.conf.result_chord_join_timeout, propagate=True)
             except Exception as exc:
-                logger.exception("chord %s: publishing the body failed", gid)
-                error = ChordError(f"Callback error: {exc!r}")
+                try:
+                    culprit = next(deps._failed_join_report())
+                    reason = f"Dependency {culprit.id} raised {exc!r}"
+                except StopIteration:
+                    reason = repr(exc)
+                logger.error("chord %s raised: %s", gid, reason)
+                error = ChordError(reason)
                 error.__cause__ = exc
                 self.chord_error_from_stack(callback=callback, exc=error)
+            else:
+                try:
+                    app.amqp._retry_publish(callback.delay, ret)
+                except Exception as exc:
+                    logger.exception("chord %s: publishing the body failed", gid)
+                    error = ChordError(f"Callback error: {exc!r}")
+                    error.__cause__ = exc
+                    self.chord_error_from_stack(callback=callback, exc=error)
         with self.engine.begin() as conn:
             conn.execute(update(ChordCounter).where(ChordCounter.group_id == gid).values(fired=True))
 
@@ -197,3 +274,35 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def cleanup(self) -> None:
         if self.expires:
             self.prune(timedelta(seconds=self.expires))
+
+
+class ChordRecovery(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker bootstep: every few seconds, publish chord bodies whose publisher died (SQLBackend.recover).
+
+    Add it to a plain Celery app with ``app.steps["worker"].add(ChordRecovery)``; the orchestrator's app
+    has it already. Every worker runs it; the conditional take-over lets exactly one publish.
+    """
+
+    requires = {"celery.worker.components:Timer"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.tref: Any = None
+
+    def start(self, worker: Any) -> None:
+        backend = worker.app.backend
+        if isinstance(backend, SQLBackend):
+            interval = max(backend.publish_lease / 4, 0.5)
+            self.tref = worker.timer.call_repeatedly(interval, self._sweep, (backend,), priority=10)
+
+    def stop(self, worker: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    @staticmethod
+    def _sweep(backend: SQLBackend) -> None:
+        try:
+            backend.recover()
+        except Exception:  # a database hiccup must not kill the worker's timer
+            logger.exception("chord recovery sweep failed")

@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from .backend import ChordRecovery
 from .settings import Settings
 
 settings = Settings.from_env()
@@ -55,7 +56,8 @@ def make_app(s: Settings, *, set_as_current: bool = True) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options=broker_transport_options(s),
-        result_expires=None,
+        # celery beat's backend_cleanup prunes results older than this (orchestrator db prune does too).
+        result_expires=s.retention,
         result_chord_join_timeout=30.0,
         task_track_started=False,
         task_send_sent_event=True,
@@ -65,6 +67,8 @@ def make_app(s: Settings, *, set_as_current: bool = True) -> Celery:
         timezone="UTC",
         enable_utc=True,
     )
+    # Publishes chord bodies whose publisher died between its final count and the publish.
+    app.steps["worker"].add(ChordRecovery)
     return app
 
 

@@ -82,8 +82,8 @@ def worker(kind: str, concurrency: int | None) -> None:
 
 
 @main.command()
-@click.option("--port", default=5555, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--address", default="0.0.0.0", show_default=True)
+@click.option("--port", envvar="FLOWER_PORT", default=5555, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--address", envvar="FLOWER_ADDRESS", default="0.0.0.0", show_default=True)
 def flower(port: int, address: str) -> None:
     """Start Flower on the workers' broker; basic auth comes from FLOWER_BASIC_AUTH (user:password)."""
     from .embedded import celery_executable, flower_argv
@@ -116,6 +116,24 @@ def db_upgrade(revision: str) -> None:
     database.upgrade(settings.database_url, revision)
     url = make_url(settings.database_url).render_as_string(hide_password=True)
     click.echo(f"database {url} is at {revision}")
+
+
+@db.command("prune")
+@click.option("--older-than", "older_than", metavar="AGE", help="e.g. 12h or 7d (default ORCH_RETENTION).")
+def db_prune(older_than: str | None) -> None:
+    """Delete final jobs, task results and chord joins older than AGE."""
+    from celery import Celery
+
+    from .backend import SQLBackend
+    from .store import Store
+
+    settings = Settings.from_env()
+    age = _parse_duration(older_than) if older_than else timedelta(seconds=settings.retention)
+    jobs = Store(settings.database_url).prune(age)
+    backend = Celery(backend=f"orchestrator.backend:SQLBackend+{settings.database_url}").backend
+    assert isinstance(backend, SQLBackend)
+    results = backend.prune(age)
+    click.echo(f"pruned {jobs} jobs and {results} result rows older than {age}")
 
 
 # --- jobs ------------------------------------------------------------------------------------------
@@ -268,17 +286,15 @@ def _view_dict(view: JobView) -> dict[str, Any]:
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
 def list_jobs(state: str | None, limit: int) -> None:
     """List jobs, newest first."""
-    table = Table("id", "name", "state", "branches", "created", "seconds")
+    table = Table()
+    table.add_column("id", no_wrap=True, min_width=36)  # ids are copied from here: never wrapped
+    table.add_column("name", overflow="ellipsis", no_wrap=True, max_width=16)
+    for header in ("state", "branches", "created", "secs"):
+        table.add_column(header, no_wrap=True)
     for v in _orchestrator().list(state=state, limit=limit):
         seconds = f"{v.duration:.3f}" if v.duration is not None else "-"
-        table.add_row(
-            v.id,
-            v.name or "",
-            _styled(v.state),
-            f"{v.branch_done}/{v.branch_total}",
-            v.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            seconds,
-        )
+        table.add_row(v.id, v.name or "", _styled(v.state), f"{v.branch_done}/{v.branch_total}",
+                      v.created_at.strftime("%m-%d %H:%M:%S"), seconds)  # fmt: skip
     console.print(table)
 
 

@@ -71,42 +71,74 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def argv(self) -> list[str]:
+        return [str(a) for a in self.process.args]  # type: ignore[union-attr]
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise OrchestratorError(
+                f"{self.kind} exited with {self.process.returncode}:\n{self.log()[-3000:]}"
+            )
+
+    def wait_for_log(self, marker: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if " ready." in self.log():
+            if marker in self.log():
                 return
-            if self.process.poll() is not None:
-                raise OrchestratorError(
-                    f"{self.kind} worker exited with {self.process.returncode}:\n{self.log()[-3000:]}"
-                )
+            self.check_alive()
             time.sleep(0.05)
-        raise OrchestratorError(f"{self.kind} worker not ready after {timeout:g}s:\n{self.log()[-3000:]}")
+        raise OrchestratorError(f"{self.kind}: no {marker!r} after {timeout:g}s:\n{self.log()[-3000:]}")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        self.wait_for_log(" ready.", timeout)
 
     def terminate(self) -> None:
-        """Ask for a warm shutdown (SIGTERM): running tasks finish, nothing new is taken."""
+        """Ask for a warm shutdown (SIGTERM, as `docker stop` sends): running tasks finish."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        """Warm shutdown, then SIGKILL of the whole group if it hangs."""
-        if self.process.poll() is None:
-            self.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        """Warm shutdown; SIGKILL if it hangs; either way nothing of its process group outlives it."""
+        self.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        self.kill()
         self._log.close()
         return self.process.returncode
 
     def kill(self) -> None:
         """SIGKILL the worker and its pool children at once, as a crashed host would."""
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+
+
+def spawn(
+    argv: list[str],
+    *,
+    name: str,
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> WorkerProcess:
+    """Run `argv` in its own session (so it can be signalled whole), logging to `log_dir/NAME-*.log`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ if env is None else env),
+        cwd=cwd,
+        start_new_session=True,
+    )
+    return WorkerProcess(kind=name, process=process, log_path=log_path, _log=log)
 
 
 def start_worker(
@@ -117,22 +149,11 @@ def start_worker(
     concurrency: int | None = None,
     cwd: str | os.PathLike[str] | None = None,
 ) -> WorkerProcess:
-    """Start `orchestrator worker KIND` as a child process logging to `log_dir/KIND.log`."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{kind}-{time.monotonic_ns()}.log"
-    log = log_path.open("wb")
+    """Start `orchestrator worker KIND` as a child process."""
     argv = [*orchestrator_executable(), "worker", kind]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
-    process = subprocess.Popen(
-        argv,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ if env is None else env),
-        cwd=cwd,
-        start_new_session=True,
-    )
-    return WorkerProcess(kind=kind, process=process, log_path=log_path, _log=log)
+    return spawn(argv, name=kind, log_dir=log_dir, env=env, cwd=cwd)
 
 
 def start_pools(

@@ -136,7 +136,12 @@ class ChordCounter(Base):
     group_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     done: Mapped[int] = mapped_column(Integer, default=0)
     total: Mapped[int | None] = mapped_column(Integer)
+    # The part that reached the total claims the publish in the same transaction as its increment.
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     fired: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The body's signature, so a body whose publisher died can be published by another worker.
+    body: Mapped[Any | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 

@@ -56,6 +56,7 @@ class Settings:
     fanin_concurrency: int = 2
     fan_in_timeout: float = 60.0
     visibility_timeout: int = 3600
+    retention: float = 7 * 86400.0  # seconds that final jobs and task results are kept
     log_level: str = "INFO"
 
     @property
@@ -111,5 +112,6 @@ class Settings:
             fanin_concurrency=_int(env, "ORCH_FANIN_CONCURRENCY", 2),
             fan_in_timeout=_float(env, "ORCH_FAN_IN_TIMEOUT", 60.0),
             visibility_timeout=_int(env, "ORCH_VISIBILITY_TIMEOUT", 3600),
+            retention=_float(env, "ORCH_RETENTION", 7 * 86400.0),
             log_level=env.get("ORCH_LOG_LEVEL", "INFO"),
         )

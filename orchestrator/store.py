@@ -9,14 +9,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 
 from .database import get_engine
 from .errors import JobNotFound
-from .models import Branch, BranchState, Job, JobState
+from .models import FINAL_JOB_STATES, Branch, BranchState, Job, JobState
 from .views import BranchOutcome, BranchView, JobView
 
 
@@ -249,6 +249,16 @@ class Store:
             query = query.where(Job.state == state)
         with self.engine.connect() as conn:
             return [_job_view(row, []) for row in conn.execute(query).all()]
+
+    def prune(self, older_than: timedelta) -> int:
+        """Delete final jobs (and their branches) that finished before now - older_than."""
+        cutoff = utcnow() - older_than
+        with self.engine.begin() as conn:
+            return int(
+                conn.execute(
+                    delete(Job).where(Job.finished_at < cutoff, Job.state.in_(FINAL_JOB_STATES))
+                ).rowcount
+            )
 
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:

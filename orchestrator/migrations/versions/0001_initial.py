@@ -32,7 +32,10 @@ def upgrade() -> None:
         sa.Column("group_id", sa.String(length=255), nullable=False),
         sa.Column("done", sa.Integer(), nullable=False),
         sa.Column("total", sa.Integer(), nullable=True),
+        sa.Column("claimed_by", sa.String(length=255), nullable=True),
+        sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("fired", sa.Boolean(), nullable=False),
+        sa.Column("body", sa.JSON(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("group_id", name=op.f("pk_chord_counters")),
     )

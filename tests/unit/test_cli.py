@@ -1,0 +1,86 @@
+"""The real `orchestrator` command, run as a user would, on a fresh embedded home (no workers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from orchestrator.embedded import orchestrator_executable
+from tests.conftest import base_env
+
+
+@pytest.fixture
+def run(tmp_path: Path):  # type: ignore[no-untyped-def]
+    env = base_env(tmp_path)
+
+    def _run(*args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [*orchestrator_executable(), *args], env=env, capture_output=True, text=True, timeout=60,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == code, (done.stdout, done.stderr)
+        return done
+
+    return _run
+
+
+def test_submit_list_and_status(run) -> None:  # type: ignore[no-untyped-def]
+    assert "is at head" in run("db", "upgrade").stdout
+    job_id = run("submit", "-b", "jobs.io.sleep seconds=0.1", "-b", "jobs.cpu.count_primes limit=100",
+                  "--name", "cli").stdout.strip()  # fmt: skip
+    assert len(job_id) == 36
+    assert job_id in run("list").stdout
+    status = json.loads(run("status", job_id, "--json").stdout)
+    assert status["state"] == "running" and status["name"] == "cli"
+    assert [(b["task"], b["args"]) for b in status["branches"]] == [
+        ("jobs.io.sleep", {"args": [], "kwargs": {"seconds": 0.1}}),
+        ("jobs.cpu.count_primes", {"args": [], "kwargs": {"limit": 100}}),
+    ]
+    assert "jobs.cpu.count_primes" in run("status", job_id).stdout
+    assert job_id not in run("list", "--state", "failed").stdout
+
+
+def test_submit_from_a_spec_file(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"name": "from-file", "fan_in": "jobs.aggregate.total",
+                                "branches": [{"task": "jobs.io.sleep", "args": [0.1]}]}))  # fmt: skip
+    job_id = run("submit", str(spec)).stdout.strip()
+    status = json.loads(run("status", job_id, "--json").stdout)
+    assert (status["name"], status["fan_in"]) == ("from-file", "jobs.aggregate.total")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("status", "00000000-0000-0000-0000-000000000000"), 1, "error: no job 00000000-0000"),
+        (("status", "nope"), 1, "error: no job 'nope': not a job id"),
+        (("watch", "nope"), 1, "error: no job 'nope'"),
+        (("submit", "-b", "jobs.io.nope"), 1, "error: unknown task 'jobs.io.nope'"),
+        (("submit", "-b", "jobs.io.sleep seconds"), 2, "'seconds' is not key=value"),
+        (
+            ("submit", "--fan-in", "jobs.io.sleep", "-b", "jobs.io.sleep seconds=1"),
+            1,
+            "error: task 'jobs.io.sleep' is declared as io, but aggregator is required",
+        ),
+        (("worker", "gpu"), 2, "'gpu' is not one of 'io', 'cpu', 'fanin'"),
+        (("flower",), 2, "set FLOWER_BASIC_AUTH"),
+        (("db", "prune", "--older-than", "soon"), 2, "is not a duration"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(run, args: tuple[str, ...], code: int, message: str) -> None:  # type: ignore[no-untyped-def]
+    done = run(*args, code=code)
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    if code == 1:
+        assert len(done.stderr.strip().splitlines()) == 1
+    if args[0] == "submit":
+        assert "running" not in run("list").stdout  # nothing was submitted
+
+
+def test_prune_keeps_recent_jobs(run) -> None:  # type: ignore[no-untyped-def]
+    run("submit", "-b", "jobs.io.sleep seconds=0.1")
+    out = run("db", "prune", "--older-than", "1d").stdout
+    assert out.startswith("pruned 0 jobs")
