@@ -7,10 +7,13 @@ print(orc.wait(job.id, timeout=30).state)
 """
 
 from .api import BranchSpec, Orchestrator, branch
+from .deadline import Deadline
 from .errors import (
     ArgumentsNotSerializable,
     ConfigurationError,
+    DeadlineExceeded,
     InvalidJobSpec,
+    JobAlreadyFinal,
     JobNotFound,
     OrchestratorError,
     PublishError,
@@ -31,7 +34,10 @@ __all__ = [
     "BranchState",
     "BranchView",
     "ConfigurationError",
+    "Deadline",
+    "DeadlineExceeded",
     "InvalidJobSpec",
+    "JobAlreadyFinal",
     "JobNotFound",
     "JobState",
     "JobView",

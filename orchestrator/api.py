@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import chord, group
 
 from . import database, registry
-from .errors import ArgumentsNotSerializable, InvalidJobSpec, PublishError, WaitTimeout
+from .errors import ArgumentsNotSerializable, InvalidJobSpec, JobAlreadyFinal, PublishError, WaitTimeout
 from .registry import TaskKind
 from .settings import Settings
-from .store import NewBranch, Store, parse_job_id
+from .store import NewBranch, Store, parse_job_id, utcnow
 from .views import JobView
 
 _NAME_MAX = 200
@@ -32,6 +34,17 @@ class BranchSpec:
 
 def branch(task: str, *args: Any, **kwargs: Any) -> BranchSpec:
     return BranchSpec(task=task, args=args, kwargs=kwargs)
+
+
+def _positive(what: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidJobSpec(f"{what} must be a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def _json_args(index: int, spec: BranchSpec) -> tuple[list[Any], dict[str, Any]]:
@@ -81,9 +94,8 @@ class Orchestrator:
                 raise InvalidJobSpec(f"branch {i} must be built with branch(task, ...), got {spec!r}")
             task = registry.lookup(spec.task, expect=[TaskKind.IO, TaskKind.CPU])
             args, kwargs = _json_args(i, spec)
-            new.append(
-                NewBranch(task=task.name, queue=self.settings.queue_for(task.kind), args=args, kwargs=kwargs)
-            )
+            queue = self.settings.queue_for(task.kind)
+            new.append(NewBranch(task.name, queue, args, kwargs, celery_task_id=str(uuid.uuid4())))
         return new
 
     def submit(
@@ -92,44 +104,88 @@ class Orchestrator:
         fan_in: str,
         name: str | None = None,
         *,
-        idempotency_key: str | None = None,
+        deadline: float | None = None,
+        min_success: int | None = None,
         fan_in_timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> JobView:
-        """Validate the whole spec, record the job and its branches, then publish one Celery chord."""
+        """Validate the whole spec, record the job and its branches, then publish one Celery chord.
+
+        deadline: seconds from now; at the deadline the fan-in runs with what finished and the rest is
+        timed_out. min_success: fewer succeeded branches fail the job without calling the aggregator.
+        fan_in_timeout: the aggregator's soft time limit (default ORCH_FAN_IN_TIMEOUT).
+        """
         new = self._validate(branches, fan_in, name)
-        timeout = self.settings.fan_in_timeout if fan_in_timeout is None else fan_in_timeout
-        if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
-            raise InvalidJobSpec(f"fan_in_timeout must be a positive number of seconds, got {timeout!r}")
-        job_id, created = self.store.create_job(
-            name=name,
-            fan_in=str(fan_in),
-            branches=new,
-            idempotency_key=idempotency_key,
-            fan_in_timeout=float(timeout),
+        if deadline is not None:
+            deadline = _positive("deadline", deadline)
+        if min_success is not None and (
+            isinstance(min_success, bool)
+            or not isinstance(min_success, int)
+            or not 1 <= min_success <= len(new)
+        ):
+            raise InvalidJobSpec(f"min_success must be an integer from 1 to {len(new)}, got {min_success!r}")
+        timeout = _positive(
+            "fan_in_timeout", self.settings.fan_in_timeout if fan_in_timeout is None else fan_in_timeout
         )
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or len(idempotency_key) > _NAME_MAX
+        ):
+            raise InvalidJobSpec(f"idempotency_key must be a string of at most {_NAME_MAX} characters")
+        deadline_at = None if deadline is None else utcnow() + timedelta(seconds=deadline)
+        job_id, created = self.store.create_job(
+            name=name, fan_in=str(fan_in), branches=new, idempotency_key=idempotency_key,
+            deadline_at=deadline_at, min_success=min_success, fan_in_timeout=timeout,
+        )  # fmt: skip
         if created:
-            self._publish(str(job_id), new, float(timeout))
+            self._publish(str(job_id), new, timeout, deadline_at)
         return self.store.get(job_id)
 
-    def _publish(self, job_id: str, branches: Sequence[NewBranch], fan_in_timeout: float) -> None:
+    def _publish(
+        self, job_id: str, branches: Sequence[NewBranch], fan_in_timeout: float, deadline_at: datetime | None
+    ) -> None:
+        at = None if deadline_at is None else deadline_at.timestamp()
+        cpu_limit = None if at is None else max(at - time.time(), 0.001)
         header = group(
-            self.app.signature(b.task, args=(job_id, i, b.args, b.kwargs), queue=b.queue)
+            self.app.signature(
+                b.task,
+                args=(job_id, i, b.args, b.kwargs, at),
+                queue=b.queue,
+                task_id=b.celery_task_id,
+                # prefork honours soft limits; the branch also arms one at exactly the time left.
+                soft_time_limit=cpu_limit if b.queue == self.settings.cpu_queue else None,
+            )
             for i, b in enumerate(branches)
         )
+        limits = {"soft_time_limit": fan_in_timeout, "time_limit": fan_in_timeout + 10}
         body = self.app.signature(
-            "orchestrator.fan_in",
-            args=(job_id,),
-            queue=self.settings.fanin_queue,
-            soft_time_limit=fan_in_timeout,
-            time_limit=fan_in_timeout + 10,
+            "orchestrator.fan_in", args=(job_id,), queue=self.settings.fanin_queue, **limits
         )
         uid = parse_job_id(job_id)
         try:
+            if deadline_at is not None:
+                # Before the chord: if this cannot be sent, nothing is. It survives worker restarts
+                # because an ETA message is only acked when it has run.
+                self.app.signature(
+                    "orchestrator.deadline", args=(job_id,), queue=self.settings.fanin_queue, **limits
+                ).apply_async(eta=deadline_at)
             chord(header, body).apply_async()
         except Exception as exc:
             self.store.mark_failed_to_publish(uid, f"could not publish the job: {exc}")
             raise PublishError(f"job {job_id} was recorded but could not be published: {exc}") from exc
         self.store.mark_published(uid)
+
+    def cancel(self, job_id: str) -> JobView:
+        """Cancel a pending or running job: unfinished branches become cancelled and are revoked (running
+        cpu branches terminated); the fan-in does not run. A final job raises JobAlreadyFinal."""
+        from .tasks import revoke
+
+        uid = parse_job_id(job_id)
+        stopped = self.store.cancel(uid)
+        if stopped is None:
+            state = self.store.state(uid)
+            raise JobAlreadyFinal(f"job {job_id} is already {state}; nothing was cancelled")
+        revoke(self.app, self.settings.cpu_queue, stopped, terminate_cpu=True)
+        return self.store.get(uid)
 
     # --- reads -------------------------------------------------------------------------------------
 

@@ -176,7 +176,9 @@ def _branches_from_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
         if not isinstance(b, dict) or "task" not in b:
             raise click.BadParameter(f"{path}: branch {i} needs a 'task'")
         out.append(branch(b["task"], *b.get("args", []), **b.get("kwargs", {})))
-    options = {k: spec[k] for k in ("fan_in", "name") if k in spec}
+    options = {
+        k: spec[k] for k in ("fan_in", "name", "deadline", "min_success", "fan_in_timeout") if k in spec
+    }
     return out, options
 
 
@@ -192,9 +194,19 @@ def _branches_from_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
 )
 @click.option("--fan-in", help="The aggregator (default jobs.aggregate.collect).")
 @click.option("--name", help="A name shown in listings.")
+@click.option("--deadline", type=float, help="Seconds: then the fan-in runs with what finished.")
+@click.option("--min-success", type=int, help="Fail the job if fewer branches succeed.")
+@click.option("--fan-in-timeout", type=float, help="Soft time limit of the fan-in, seconds.")
 @click.option("--wait/--no-wait", default=False, help="Watch the job until it is final.")
 def submit(
-    spec: Path | None, branch_opts: tuple[str, ...], fan_in: str | None, name: str | None, wait: bool
+    spec: Path | None,
+    branch_opts: tuple[str, ...],
+    fan_in: str | None,
+    name: str | None,
+    deadline: float | None,
+    min_success: int | None,
+    fan_in_timeout: float | None,
+    wait: bool,
 ) -> None:
     """Submit a job from a JSON spec file or from -b options."""
     options: dict[str, Any] = {}
@@ -209,6 +221,9 @@ def submit(
         branches,
         fan_in=fan_in or options.get("fan_in", "jobs.aggregate.collect"),
         name=name or options.get("name"),
+        deadline=deadline if deadline is not None else options.get("deadline"),
+        min_success=min_success if min_success is not None else options.get("min_success"),
+        fan_in_timeout=fan_in_timeout if fan_in_timeout is not None else options.get("fan_in_timeout"),
     )
     click.echo(view.id)
     if wait:
@@ -326,6 +341,15 @@ def watch(job_id: str, timeout: float | None) -> None:
     final = _watch(orc, job_id, timeout)
     _print_job(final)
     sys.exit(0 if final.state in ("succeeded", "partial") else 1)
+
+
+@main.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a pending or running job: its unfinished branches are revoked and the fan-in does not run."""
+    view = _orchestrator().cancel(job_id)
+    counts = "  ".join(f"{k}={n}" for k, n in sorted(view.counts().items()))
+    click.echo(f"job {view.id} cancelled ({counts})")
 
 
 @main.command()

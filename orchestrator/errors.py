@@ -41,6 +41,14 @@ class WaitTimeout(OrchestratorError, TimeoutError):
         self.state = state
 
 
+class JobAlreadyFinal(OrchestratorError):
+    """`cancel` of a job that already ended: nothing was changed."""
+
+
+class DeadlineExceeded(OrchestratorError, TimeoutError):
+    """Raised by a branch whose time budget ran out; its outcome is `timed_out`."""
+
+
 class PublishError(OrchestratorError):
     """The job was recorded but its messages could not be sent; the job is marked failed."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -29,14 +30,30 @@ class TaskSpec:
     name: str
     kind: TaskKind
     fn: Callable[..., Any]
+    retries: int = 0  # extra attempts after a failure, with exponential backoff and full jitter
+    backoff: float = 1.0  # seconds: the first retry waits up to this, then 2x, 4x ... (capped at 60 s)
+
+    @property
+    def accepts_deadline(self) -> bool:
+        """True when the function declares a keyword-only `deadline` parameter to receive its budget."""
+        param = inspect.signature(self.fn).parameters.get("deadline")
+        return param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY
 
 
 _catalog: dict[str, TaskSpec] = {}
 _loaded: set[str] = set()
 
 
-def _declare(fn: Callable[..., Any], kind: TaskKind, name: str | None) -> TaskSpec:
-    spec = TaskSpec(name=name or f"{fn.__module__}.{fn.__qualname__}", kind=kind, fn=fn)
+def _declare(
+    fn: Callable[..., Any], kind: TaskKind, name: str | None, retries: int, backoff: float
+) -> TaskSpec:
+    if not isinstance(retries, int) or retries < 0:
+        raise ConfigurationError(f"retries must be a non-negative integer, got {retries!r}")
+    if not backoff > 0:
+        raise ConfigurationError(f"backoff must be positive, got {backoff!r}")
+    spec = TaskSpec(
+        name=name or f"{fn.__module__}.{fn.__qualname__}", kind=kind, fn=fn, retries=retries, backoff=backoff
+    )
     existing = _catalog.get(spec.name)
     if existing is not None and existing.kind is not kind:
         raise ConfigurationError(f"task {spec.name!r} is declared twice with different kinds")
@@ -48,9 +65,11 @@ def _declare(fn: Callable[..., Any], kind: TaskKind, name: str | None) -> TaskSp
     return spec
 
 
-def _decorator(kind: TaskKind, fn: F | None, name: str | None) -> F | Callable[[F], F]:
+def _decorator(
+    kind: TaskKind, fn: F | None, name: str | None, retries: int = 0, backoff: float = 1.0
+) -> F | Callable[[F], F]:
     def wrap(f: F) -> F:
-        _declare(f, kind, name)
+        _declare(f, kind, name, retries, backoff)
         return f
 
     return wrap(fn) if fn is not None else wrap
@@ -59,19 +78,23 @@ def _decorator(kind: TaskKind, fn: F | None, name: str | None) -> F | Callable[[
 @overload
 def io_task(fn: F, /) -> F: ...
 @overload
-def io_task(*, name: str | None = None) -> Callable[[F], F]: ...
-def io_task(fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+def io_task(*, name: str | None = None, retries: int = 0, backoff: float = 1.0) -> Callable[[F], F]: ...
+def io_task(
+    fn: F | None = None, /, *, name: str | None = None, retries: int = 0, backoff: float = 1.0
+) -> F | Callable[[F], F]:
     """Declare a branch that waits on the network: it runs on the io queue's thread or gevent pool."""
-    return _decorator(TaskKind.IO, fn, name)
+    return _decorator(TaskKind.IO, fn, name, retries, backoff)
 
 
 @overload
 def cpu_task(fn: F, /) -> F: ...
 @overload
-def cpu_task(*, name: str | None = None) -> Callable[[F], F]: ...
-def cpu_task(fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+def cpu_task(*, name: str | None = None, retries: int = 0, backoff: float = 1.0) -> Callable[[F], F]: ...
+def cpu_task(
+    fn: F | None = None, /, *, name: str | None = None, retries: int = 0, backoff: float = 1.0
+) -> F | Callable[[F], F]:
     """Declare a branch that burns CPU: it runs on the cpu queue's prefork pool, one process per core."""
-    return _decorator(TaskKind.CPU, fn, name)
+    return _decorator(TaskKind.CPU, fn, name, retries, backoff)
 
 
 @overload

@@ -37,12 +37,24 @@ class NewBranch:
     queue: str
     args: list[Any]
     kwargs: dict[str, Any]
+    celery_task_id: str | None = None  # chosen at submit, so a branch can be revoked before it starts
 
 
 @dataclass(frozen=True)
 class FanInClaim:
     fan_in: str
     min_success: int | None
+    fan_in_timeout: float | None
+
+
+@dataclass(frozen=True)
+class StoppedBranch:
+    """A branch the deadline or a cancel stopped: what is needed to revoke its message."""
+
+    index: int
+    queue: str
+    celery_task_id: str | None
+    was_running: bool
 
 
 def parse_job_id(job_id: str | uuid.UUID) -> uuid.UUID:
@@ -111,6 +123,7 @@ class Store:
                         "args": {"args": b.args, "kwargs": b.kwargs},
                         "state": BranchState.PENDING,
                         "attempts": 0,
+                        "celery_task_id": b.celery_task_id,
                         "late": False,
                     }
                     for i, b in enumerate(branches)
@@ -127,21 +140,18 @@ class Store:
             )
 
     def mark_failed_to_publish(self, job_id: uuid.UUID, error: str) -> None:
+        now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.PENDING)
-                .values(state=JobState.FAILED, error=error, finished_at=utcnow())
+                .values(state=JobState.FAILED, error=error, finished_at=now)
             )
-            conn.execute(
-                update(Branch)
-                .where(Branch.job_id == job_id, Branch.state == BranchState.PENDING)
-                .values(state=BranchState.CANCELLED, error=error, finished_at=utcnow())
-            )
+            self._stop_unfinished(conn, job_id, BranchState.CANCELLED, error, now)
 
     # --- branches ----------------------------------------------------------------------------------
 
-    def start_branch(self, job_id: uuid.UUID, index: int, celery_task_id: str | None) -> int | None:
+    def start_branch(self, job_id: uuid.UUID, index: int) -> int | None:
         """Claim a branch for this attempt; None when its outcome is already recorded (a redelivery)."""
         with self.engine.begin() as conn:
             return conn.execute(
@@ -151,12 +161,7 @@ class Store:
                     Branch.index == index,
                     Branch.state.in_((BranchState.PENDING, BranchState.RUNNING)),
                 )
-                .values(
-                    state=BranchState.RUNNING,
-                    attempts=Branch.attempts + 1,
-                    started_at=utcnow(),
-                    celery_task_id=celery_task_id,
-                )
+                .values(state=BranchState.RUNNING, attempts=Branch.attempts + 1, started_at=utcnow())
                 .returning(Branch.attempts)
             ).scalar_one_or_none()
 
@@ -196,9 +201,56 @@ class Store:
                 update(Job)
                 .where(Job.id == job_id, Job.state.in_(states))
                 .values(state=JobState.AGGREGATING)
-                .returning(Job.fan_in, Job.min_success)
+                .returning(Job.fan_in, Job.min_success, Job.fan_in_timeout)
             ).one_or_none()
-        return None if row is None else FanInClaim(fan_in=row.fan_in, min_success=row.min_success)
+        return None if row is None else FanInClaim(row.fan_in, row.min_success, row.fan_in_timeout)
+
+    def _stop_unfinished(
+        self, conn: Any, job_id: uuid.UUID, state: BranchState, error: str, now: datetime
+    ) -> list[StoppedBranch]:
+        stopped = conn.execute(
+            update(Branch)
+            .where(Branch.job_id == job_id, Branch.state.in_((BranchState.PENDING, BranchState.RUNNING)))
+            .values(state=state, error=error, finished_at=now)
+            .returning(Branch.index, Branch.queue, Branch.celery_task_id, Branch.started_at)
+        ).all()
+        return [StoppedBranch(r.index, r.queue, r.celery_task_id, r.started_at is not None) for r in stopped]
+
+    def expire(self, job_id: uuid.UUID) -> tuple[FanInClaim, list[StoppedBranch]] | None:
+        """At the deadline: running -> aggregating, and every unfinished branch -> timed_out, atomically."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING)
+                .values(state=JobState.AGGREGATING, branch_done=Job.branch_total)
+                .returning(Job.fan_in, Job.min_success, Job.fan_in_timeout)
+            ).one_or_none()
+            if row is None:
+                return None
+            stopped = self._stop_unfinished(
+                conn,
+                job_id,
+                BranchState.TIMED_OUT,
+                "the job's deadline passed before the branch finished",
+                now,
+            )
+        return FanInClaim(row.fan_in, row.min_success, row.fan_in_timeout), stopped
+
+    def cancel(self, job_id: uuid.UUID) -> list[StoppedBranch] | None:
+        """pending | running -> cancelled, with every unfinished branch; None if the job was already final."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            won = conn.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state.in_((JobState.PENDING, JobState.RUNNING)))
+                .values(
+                    state=JobState.CANCELLED, finished_at=now, error="cancelled", branch_done=Job.branch_total
+                )
+            ).rowcount
+            if not won:
+                return None
+            return self._stop_unfinished(conn, job_id, BranchState.CANCELLED, "the job was cancelled", now)
 
     def outcomes(self, job_id: uuid.UUID) -> list[BranchOutcome]:
         with self.engine.connect() as conn:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 from orchestrator import BranchOutcome, aggregator, cpu_task, io_task
@@ -44,3 +46,43 @@ def explode(outcomes: list[BranchOutcome]) -> None:
 def outcomes(outcomes: list[BranchOutcome]) -> list[dict[str, Any]]:
     """Echo what the aggregator was given, so tests can check it."""
     return [o.to_dict() for o in outcomes]
+
+
+@io_task
+def stubborn_sleep(seconds: float, token: str | None = None) -> dict[str, Any]:
+    """An io branch that ignores its deadline (declares no `deadline`), so its result arrives late."""
+    time.sleep(seconds)
+    return {"slept": seconds, "token": token}
+
+
+@io_task(retries=3, backoff=0.05)
+def flaky(marker_dir: str, fail_times: int) -> int:
+    """Fails its first `fail_times` attempts (counted in a file, since attempts may land anywhere)."""
+    marker = Path(marker_dir) / "flaky-attempts"
+    with marker.open("a") as f:
+        f.write("x")
+    attempts = len(marker.read_text())
+    if attempts <= fail_times:
+        raise ConnectionError(f"attempt {attempts} failed")
+    return attempts
+
+
+@io_task(retries=20, backoff=0.2)
+def always_fails() -> None:
+    raise ConnectionError("the backend is down")
+
+
+@aggregator
+def slow_aggregate(outcomes: list[BranchOutcome]) -> int:
+    time.sleep(30)
+    return len(outcomes)
+
+
+@aggregator
+def record_calls(outcomes: list[BranchOutcome]) -> dict[str, Any]:
+    """Appends one line per call to $TEST_MARK_DIR/aggregations and returns the same call id, so a test
+    can match every job's result to exactly one recorded run."""
+    call = uuid.uuid4().hex
+    with open(Path(os.environ["TEST_MARK_DIR"]) / "aggregations", "a") as f:
+        f.write(call + "\n")
+    return {"call": call, "branches": len(outcomes)}

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def base_env(home: Path, **extra: str) -> dict[str, str]:
     """The environment a worker or client of one test stack sees: ORCH_* only, nothing inherited."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    (home / "marks").mkdir(parents=True, exist_ok=True)
     env.update(
+        TEST_MARK_DIR=str(home / "marks"),
         ORCH_HOME=str(home),
         ORCH_IMPORTS="tests.catalog",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
@@ -115,6 +117,19 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     home = tmp_path_factory.mktemp(request.param)
     with stack_services(request.param, home) as env:
         s = Stack(request.param, env, home)
+        s.start()
+        try:
+            yield s
+        finally:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The production stack (PostgreSQL + RabbitMQ, SQL result backend), shared by a test module."""
+    home = tmp_path_factory.mktemp("pg")
+    with stack_services("postgres-rabbitmq", home) as env:
+        s = Stack("postgres-rabbitmq", env, home)
         s.start()
         try:
             yield s

@@ -87,6 +87,15 @@ def test_an_aggregator_that_raises_fails_the_job(stack: Stack) -> None:
     assert view.branches[0].state == "succeeded"
 
 
+def test_a_deadline_times_out_a_straggler(stack: Stack) -> None:
+    orc = stack.orc
+    job = orc.submit([branch("jobs.io.sleep", 0.05), branch("tests.catalog.stubborn_sleep", 2)],
+                     fan_in="jobs.aggregate.summary", deadline=0.8)  # fmt: skip
+    view = orc.wait(job.id, timeout=10)
+    assert view.state == "partial", stack.logs()
+    assert [b.state for b in view.branches] == ["succeeded", "timed_out"]
+
+
 def test_a_pickled_message_is_refused_and_the_worker_keeps_serving(stack: Stack) -> None:
     orc = stack.orc
     # A real pending branch that the pickled message tries to run.

@@ -47,7 +47,7 @@ def _finish(args: tuple[str, str, int]) -> bool:
 def test_one_outcome_per_branch_under_racing_threads_and_processes(store: Store) -> None:
     job_id = _job(store, 4)
     for i in range(4):
-        assert store.start_branch(job_id, i, f"t{i}") == 1
+        assert store.start_branch(job_id, i) == 1
     work = [(store.database_url, str(job_id), i % 4) for i in range(64)]
     with ThreadPoolExecutor(16) as pool:
         thread_wins = list(pool.map(_finish, work[:32]))
@@ -56,7 +56,7 @@ def test_one_outcome_per_branch_under_racing_threads_and_processes(store: Store)
     assert sum(thread_wins) + sum(process_wins) == 4  # one winner per branch, across both
     view = store.get(job_id)
     assert view.branch_done == 4
-    assert store.start_branch(job_id, 0, "redelivered") is None
+    assert store.start_branch(job_id, 0) is None
 
 
 @pytest.mark.integration

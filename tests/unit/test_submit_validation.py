@@ -73,6 +73,40 @@ def test_bad_spec_raises_and_writes_nothing(
     assert _published(embedded_orc) == []
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"deadline": 0}, "deadline must be a positive number of seconds, got 0"),
+        ({"deadline": -1.5}, "deadline must be a positive number"),
+        ({"deadline": float("inf")}, "deadline must be a positive number"),
+        ({"deadline": "10"}, "deadline must be a positive number"),
+        ({"deadline": True}, "deadline must be a positive number"),
+        ({"min_success": 0}, "min_success must be an integer from 1 to 2, got 0"),
+        ({"min_success": 3}, "min_success must be an integer from 1 to 2, got 3"),
+        ({"min_success": 1.5}, "min_success must be an integer from 1 to 2"),
+        ({"fan_in_timeout": -1}, "fan_in_timeout must be a positive number"),
+        ({"idempotency_key": 7}, "idempotency_key must be a string"),
+    ],
+)
+def test_bad_job_options_raise_and_write_nothing(
+    embedded_orc: Orchestrator, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidJobSpec, match=message):
+        embedded_orc.submit([branch("jobs.io.sleep", 1)] * 2, "jobs.aggregate.collect", **options)
+    assert row_counts(embedded_orc) == (0, 0)
+    assert _published(embedded_orc) == []
+
+
+def test_a_deadline_publishes_its_watchdog_first(embedded_orc: Orchestrator) -> None:
+    job = embedded_orc.submit(
+        [branch("jobs.io.sleep", 1)], "jobs.aggregate.collect", deadline=30, min_success=1
+    )
+    assert job.deadline_at is not None
+    assert 29 < (job.deadline_at - job.created_at).total_seconds() <= 30.01
+    queues = sorted(name.rsplit(".", 2)[-2] for name in _published(embedded_orc))
+    assert queues == ["fanin", "io"]  # the ETA watchdog and the branch
+
+
 def test_bad_fan_in_timeout_and_name(embedded_orc: Orchestrator) -> None:
     with pytest.raises(InvalidJobSpec, match="fan_in_timeout must be a positive"):
         embedded_orc.submit([branch("jobs.io.sleep", 1)], "jobs.aggregate.collect", fan_in_timeout=0)
