@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator import Deadline, DeadlineExceeded, io_task
+from orchestrator import Deadline, DeadlineExceeded, circuit_breaker, io_task
 
 
 @io_task
@@ -48,3 +48,24 @@ def tcp_probe(host: str, port: int, timeout: float = 5) -> dict[str, Any]:
     with socket.create_connection((host, port), timeout=timeout):
         elapsed = time.perf_counter() - started
     return {"host": host, "port": port, "connect_seconds": round(elapsed, 6)}
+
+
+class ClientError(ValueError):
+    """A 4xx answer: the request was wrong, the backend is fine, so the breaker does not count it."""
+
+
+#: Every process on every host that calls the shard API shares this breaker (its state is in SQL).
+shard_api = circuit_breaker("shard-api", failure_threshold=3, reset_timeout=2.0, exclude=(ClientError,))
+
+
+@io_task(breaker="shard-api")
+def guarded_fetch(url: str, timeout: float = 5, *, deadline: Deadline) -> dict[str, Any]:
+    """fetch_url behind the shared "shard-api" circuit breaker: when the API keeps failing, later branches
+    are short-circuited at once instead of each waiting on a dead service."""
+    started = time.perf_counter()
+    response = httpx.get(url, timeout=min(timeout, deadline.remaining(default=timeout) or 0.001))
+    if 400 <= response.status_code < 500:
+        raise ClientError(f"{response.status_code} from {url}")
+    response.raise_for_status()
+    return {"status": response.status_code, "bytes": len(response.content),
+            "elapsed": round(time.perf_counter() - started, 6)}  # fmt: skip

@@ -7,9 +7,12 @@ print(orc.wait(job.id, timeout=30).state)
 """
 
 from .api import BranchSpec, Orchestrator, branch
+from .breaker import CircuitBreaker, circuit_breaker
 from .deadline import Deadline
 from .errors import (
     ArgumentsNotSerializable,
+    BreakerNotFound,
+    CircuitOpen,
     ConfigurationError,
     DeadlineExceeded,
     InvalidJobSpec,
@@ -25,7 +28,7 @@ from .errors import (
 from .models import BranchState, JobState
 from .registry import aggregator, cpu_task, io_task
 from .settings import Settings
-from .views import BranchOutcome, BranchView, JobView
+from .views import BranchOutcome, BranchView, BreakerView, JobView
 
 __all__ = [
     "ArgumentsNotSerializable",
@@ -33,6 +36,10 @@ __all__ = [
     "BranchSpec",
     "BranchState",
     "BranchView",
+    "BreakerNotFound",
+    "BreakerView",
+    "CircuitBreaker",
+    "CircuitOpen",
     "ConfigurationError",
     "Deadline",
     "DeadlineExceeded",
@@ -51,6 +58,7 @@ __all__ = [
     "WrongTaskKind",
     "aggregator",
     "branch",
+    "circuit_breaker",
     "cpu_task",
     "io_task",
 ]

@@ -13,12 +13,12 @@ from typing import Any
 
 from celery import chord, group
 
-from . import database, registry
+from . import breaker, database, registry
 from .errors import ArgumentsNotSerializable, InvalidJobSpec, JobAlreadyFinal, PublishError, WaitTimeout
 from .registry import TaskKind
 from .settings import Settings
 from .store import NewBranch, Store, parse_job_id, utcnow
-from .views import JobView
+from .views import BreakerView, JobView
 
 _NAME_MAX = 200
 
@@ -186,6 +186,16 @@ class Orchestrator:
             raise JobAlreadyFinal(f"job {job_id} is already {state}; nothing was cancelled")
         revoke(self.app, self.settings.cpu_queue, stopped, terminate_cpu=True)
         return self.store.get(uid)
+
+    # --- circuit breakers ---------------------------------------------------------------------------
+
+    def breakers(self) -> list[BreakerView]:
+        """Every circuit breaker in the database, as all processes see it."""
+        return breaker.list_views(self.settings.database_url)
+
+    def reset_breaker(self, name: str) -> BreakerView:
+        """Close a breaker now (raises BreakerNotFound for an unknown name)."""
+        return breaker.reset(self.settings.database_url, name)
 
     # --- reads -------------------------------------------------------------------------------------
 

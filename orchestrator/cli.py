@@ -235,7 +235,7 @@ def submit(
 _STATE_STYLE = {
     "succeeded": "green", "partial": "yellow", "failed": "red", "cancelled": "magenta",
     "timed_out": "red", "short_circuited": "magenta", "running": "cyan", "pending": "dim",
-    "aggregating": "cyan",
+    "aggregating": "cyan", "closed": "green", "open": "red", "half_open": "yellow",
 }  # fmt: skip
 
 
@@ -350,6 +350,23 @@ def cancel(job_id: str) -> None:
     view = _orchestrator().cancel(job_id)
     counts = "  ".join(f"{k}={n}" for k, n in sorted(view.counts().items()))
     click.echo(f"job {view.id} cancelled ({counts})")
+
+
+@main.command()
+@click.option("--reset", "reset_name", metavar="NAME", help="Close the breaker NAME now.")
+def breakers(reset_name: str | None) -> None:
+    """Show the circuit breakers every worker shares (or reset one)."""
+    orc = _orchestrator()
+    if reset_name is not None:
+        view = orc.reset_breaker(reset_name)
+        click.echo(f"breaker {view.name} is {view.state}")
+        return
+    table = Table("name", "state", "failures", "threshold", "reset after", "retry at", "updated")
+    for b in orc.breakers():
+        retry = b.retry_at.strftime("%H:%M:%S.%f")[:-3] if b.retry_at else "-"
+        table.add_row(b.name, _styled(b.state), str(b.failure_count), str(b.failure_threshold),
+                      f"{b.reset_timeout:g}s", retry, b.updated_at.strftime("%H:%M:%S"))  # fmt: skip
+    console.print(table)
 
 
 @main.command()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import http.server
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -19,12 +21,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     """A local stand-in for the shard services the io branches fetch from (no network needed)."""
 
     def do_GET(self) -> None:
+        self.server.hits[self.path] += 1  # type: ignore[attr-defined]
         kind, _, arg = self.path.lstrip("/").partition("/")
         status, body = 200, b"hello, shard\n"
         if kind == "bytes" and arg.isdigit():
             body = b"x" * int(arg)
         elif kind == "status" and arg.isdigit():
             status, body = int(arg), b""
+        elif kind == "flaky":  # the shard API of the breaker demo: down while the server says so
+            status = 503 if getattr(self.server, "failing", False) else 200
         time.sleep(0.05)
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
@@ -35,16 +40,60 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class LocalServer(http.server.ThreadingHTTPServer):
+    failing = False  # what /flaky answers: 503 while True
+
+    def __init__(self, address: tuple[str, int], handler: type[http.server.BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.hits: Counter[str] = Counter()  # requests per path, so tests can see who was called
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
 @contextmanager
-def local_http_server() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+def local_http_server() -> Iterator[LocalServer]:
+    server = LocalServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server
     finally:
         server.shutdown()
         server.server_close()
+
+
+def breaker_demo(orc: Any, server: LocalServer, console: Console) -> None:
+    """The shared circuit breaker in front of a failing API: it trips, refuses, then one probe closes it."""
+    from jobs.io import shard_api
+
+    from .api import branch
+    from .cli import _styled
+
+    shard_api.reset()
+    url = f"{server.url}/flaky"
+
+    def run(step: str, n: int) -> None:
+        view = orc.wait(
+            orc.submit([branch("jobs.io.guarded_fetch", url)] * n, "jobs.aggregate.summary").id, 60
+        )
+        counts = "  ".join(f"{_styled(k)}={v}" for k, v in sorted(view.counts().items()))
+        console.print(f"  {step:<30} {counts}  -> {_styled(shard_api.view().state)}", highlight=False)
+
+    console.print(
+        f"\n[bold]circuit breaker[/bold] shard-api (threshold {shard_api.failure_threshold}, reset "
+        f"{shard_api.reset_timeout:g}s), one state in SQL for every worker"
+    )
+    server.failing = True
+    run("API down, 3 calls:", 3)
+    run("5 more calls, never sent:", 5)
+    server.failing = False
+    retry_at = shard_api.view().retry_at
+    if retry_at is not None:
+        time.sleep(max(0.0, (retry_at - datetime.now(UTC)).total_seconds()) + 0.05)
+    run("API back, 5 calls, 1 probe:", 5)
+    run("5 calls after the probe:", 5)
 
 
 def run_demo(console: Console) -> int:
@@ -64,7 +113,8 @@ def run_demo(console: Console) -> int:
         + ")"
     )
     try:
-        with local_http_server() as base:
+        with local_http_server() as server:
+            base = server.url
             branches = (
                 [branch("jobs.io.sleep", seconds=0.2) for _ in range(8)]
                 + [branch("jobs.io.fetch_url", f"{base}/bytes/{1024 * (i + 1)}", timeout=5) for i in range(4)]
@@ -75,14 +125,15 @@ def run_demo(console: Console) -> int:
             job = orc.submit(branches, fan_in="jobs.aggregate.summary", name="demo")
             console.print(f"submitted job {job.id} with {len(branches)} branches")
             final = _watch(orc, job.id, timeout=120)
-        _print_job(final)
-        wall = final.duration or 0.0
-        serial = sum(b.duration or 0.0 for b in final.branches)
-        console.print(
-            f"job wall time {wall:.3f}s for {serial:.3f}s of branch work "
-            f"({serial / wall if wall else 0:.1f}x from fan-out)",
-            highlight=False,
-        )
+            _print_job(final)
+            wall = final.duration or 0.0
+            serial = sum(b.duration or 0.0 for b in final.branches)
+            console.print(
+                f"job wall time {wall:.3f}s for {serial:.3f}s of branch work "
+                f"({serial / wall if wall else 0:.1f}x from fan-out)",
+                highlight=False,
+            )
+            breaker_demo(orc, server, console)
         return 0 if final.state == "succeeded" else 1
     finally:
         with console.status("stopping the worker pools..."):

@@ -49,6 +49,18 @@ class DeadlineExceeded(OrchestratorError, TimeoutError):
     """Raised by a branch whose time budget ran out; its outcome is `timed_out`."""
 
 
+class CircuitOpen(OrchestratorError):
+    """The circuit breaker refused the call at once: the backend was not called."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class BreakerNotFound(OrchestratorError, LookupError):
+    """No circuit breaker of that name has been used yet."""
+
+
 class PublishError(OrchestratorError):
     """The job was recorded but its messages could not be sent; the job is marked failed."""
 

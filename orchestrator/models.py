@@ -65,6 +65,12 @@ class BranchState(enum.StrEnum):
 FINAL_BRANCH_STATES = frozenset(s for s in BranchState if s.final)
 
 
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map = {dict[str, Any]: JSON, Any: JSON}
@@ -152,3 +158,21 @@ class ChordPart(Base):
 
     group_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     task_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+
+
+class Breaker(Base):
+    """One circuit breaker shared by every process on every host: each transition is a conditional UPDATE."""
+
+    __tablename__ = "breakers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default=BreakerState.CLOSED)
+    failure_count: Mapped[int] = mapped_column(Integer, default=0)
+    failure_threshold: Mapped[int] = mapped_column(Integer)
+    reset_timeout: Mapped[float] = mapped_column()
+    probe_lease: Mapped[float] = mapped_column()
+    opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    probe_token: Mapped[str | None] = mapped_column(String(64))
+    probe_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -32,6 +32,7 @@ class TaskSpec:
     fn: Callable[..., Any]
     retries: int = 0  # extra attempts after a failure, with exponential backoff and full jitter
     backoff: float = 1.0  # seconds: the first retry waits up to this, then 2x, 4x ... (capped at 60 s)
+    breaker: str | None = None  # the circuit breaker every call goes through
 
     @property
     def accepts_deadline(self) -> bool:
@@ -45,14 +46,24 @@ _loaded: set[str] = set()
 
 
 def _declare(
-    fn: Callable[..., Any], kind: TaskKind, name: str | None, retries: int, backoff: float
+    fn: Callable[..., Any],
+    kind: TaskKind,
+    name: str | None,
+    retries: int,
+    backoff: float,
+    breaker: str | None,
 ) -> TaskSpec:
     if not isinstance(retries, int) or retries < 0:
         raise ConfigurationError(f"retries must be a non-negative integer, got {retries!r}")
     if not backoff > 0:
         raise ConfigurationError(f"backoff must be positive, got {backoff!r}")
     spec = TaskSpec(
-        name=name or f"{fn.__module__}.{fn.__qualname__}", kind=kind, fn=fn, retries=retries, backoff=backoff
+        name=name or f"{fn.__module__}.{fn.__qualname__}",
+        kind=kind,
+        fn=fn,
+        retries=retries,
+        backoff=backoff,
+        breaker=breaker,
     )
     existing = _catalog.get(spec.name)
     if existing is not None and existing.kind is not kind:
@@ -66,10 +77,15 @@ def _declare(
 
 
 def _decorator(
-    kind: TaskKind, fn: F | None, name: str | None, retries: int = 0, backoff: float = 1.0
+    kind: TaskKind,
+    fn: F | None,
+    name: str | None,
+    retries: int = 0,
+    backoff: float = 1.0,
+    breaker: str | None = None,
 ) -> F | Callable[[F], F]:
     def wrap(f: F) -> F:
-        _declare(f, kind, name, retries, backoff)
+        _declare(f, kind, name, retries, backoff, breaker)
         return f
 
     return wrap(fn) if fn is not None else wrap
@@ -78,23 +94,39 @@ def _decorator(
 @overload
 def io_task(fn: F, /) -> F: ...
 @overload
-def io_task(*, name: str | None = None, retries: int = 0, backoff: float = 1.0) -> Callable[[F], F]: ...
 def io_task(
-    fn: F | None = None, /, *, name: str | None = None, retries: int = 0, backoff: float = 1.0
+    *, name: str | None = None, retries: int = 0, backoff: float = 1.0, breaker: str | None = None
+) -> Callable[[F], F]: ...
+def io_task(
+    fn: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    backoff: float = 1.0,
+    breaker: str | None = None,
 ) -> F | Callable[[F], F]:
     """Declare a branch that waits on the network: it runs on the io queue's thread or gevent pool."""
-    return _decorator(TaskKind.IO, fn, name, retries, backoff)
+    return _decorator(TaskKind.IO, fn, name, retries, backoff, breaker)
 
 
 @overload
 def cpu_task(fn: F, /) -> F: ...
 @overload
-def cpu_task(*, name: str | None = None, retries: int = 0, backoff: float = 1.0) -> Callable[[F], F]: ...
 def cpu_task(
-    fn: F | None = None, /, *, name: str | None = None, retries: int = 0, backoff: float = 1.0
+    *, name: str | None = None, retries: int = 0, backoff: float = 1.0, breaker: str | None = None
+) -> Callable[[F], F]: ...
+def cpu_task(
+    fn: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    backoff: float = 1.0,
+    breaker: str | None = None,
 ) -> F | Callable[[F], F]:
     """Declare a branch that burns CPU: it runs on the cpu queue's prefork pool, one process per core."""
-    return _decorator(TaskKind.CPU, fn, name, retries, backoff)
+    return _decorator(TaskKind.CPU, fn, name, retries, backoff, breaker)
 
 
 @overload

@@ -58,6 +58,10 @@ class Settings:
     visibility_timeout: int = 3600
     retention: float = 7 * 86400.0  # seconds that final jobs and task results are kept
     log_level: str = "INFO"
+    breaker_failure_threshold: int = 5
+    breaker_reset_timeout: float = 30.0
+    breaker_probe_lease: float = 30.0  # a probe not reported within this is presumed dead
+    breaker_cache_ttl: float = 0.2  # seconds a process may act on the breaker state it last read
 
     @property
     def embedded(self) -> bool:
@@ -114,4 +118,8 @@ class Settings:
             visibility_timeout=_int(env, "ORCH_VISIBILITY_TIMEOUT", 3600),
             retention=_float(env, "ORCH_RETENTION", 7 * 86400.0),
             log_level=env.get("ORCH_LOG_LEVEL", "INFO"),
+            breaker_failure_threshold=_int(env, "ORCH_BREAKER_FAILURE_THRESHOLD", 5),
+            breaker_reset_timeout=_float(env, "ORCH_BREAKER_RESET_TIMEOUT", 30.0),
+            breaker_probe_lease=_float(env, "ORCH_BREAKER_PROBE_LEASE", 30.0),
+            breaker_cache_ttl=_float(env, "ORCH_BREAKER_CACHE_TTL", 0.2),
         )

@@ -21,9 +21,10 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
+from .breaker import get_breaker
 from .celery_app import app, settings
 from .deadline import Deadline
-from .errors import DeadlineExceeded
+from .errors import CircuitOpen, DeadlineExceeded
 from .models import BranchState, JobState
 from .registry import TaskKind, TaskSpec, lookup
 from .store import FanInClaim, StoppedBranch, Store
@@ -100,18 +101,35 @@ def run_branch(
         )
         return {"index": index, "state": BranchState.TIMED_OUT.value}
     call_kwargs = {**kwargs, "deadline": budget} if spec.accepts_deadline else kwargs
+    breaker = get_breaker(spec.breaker) if spec.breaker else None
+    probe: str | None = None
+    if breaker is not None:
+        try:
+            probe = breaker.acquire()
+        except CircuitOpen as exc:  # refused before the backend is called: the slot is freed at once
+            store().finish_branch(jid, index, BranchState.SHORT_CIRCUITED, None, str(exc))
+            return {"index": index, "state": BranchState.SHORT_CIRCUITED.value}
     result: Any = None
     error: str | None = None
     try:
         with cpu_budget(spec, budget):
             result = spec.fn(*args, **call_kwargs)
+        if breaker is not None:
+            breaker.success(probe)
         error = _json_or_error(result)
         state = BranchState.FAILED if error else BranchState.SUCCEEDED
         if error:
             result = None
     except (SoftTimeLimitExceeded, DeadlineExceeded) as exc:
+        if breaker is not None:
+            breaker.failure(probe)  # a backend too slow for the budget is failing
         state, error = BranchState.TIMED_OUT, f"the branch ran out of time ({describe(exc)})"
     except Exception as exc:
+        if breaker is not None:
+            if isinstance(exc, breaker.exclude):
+                breaker.success(probe)
+            else:
+                breaker.failure(probe)
         if attempt <= spec.retries:
             delay = backoff_delay(spec, attempt)
             left = budget.remaining()

@@ -85,3 +85,17 @@ class JobView:
         for b in self.branches:
             out[b.state] = out.get(b.state, 0) + 1
         return out
+
+
+@dataclass(frozen=True)
+class BreakerView:
+    name: str
+    state: str
+    failure_count: int
+    failure_threshold: int
+    reset_timeout: float
+    probe_lease: float
+    opened_at: datetime | None
+    retry_at: datetime | None
+    probe_started_at: datetime | None
+    updated_at: datetime

@@ -34,8 +34,8 @@ def test_cpu_tasks_compute_real_answers() -> None:
 def http_server() -> Iterator[str]:
     from orchestrator.demo import local_http_server
 
-    with local_http_server() as base:
-        yield base
+    with local_http_server() as server:
+        yield server.url
 
 
 def test_fetch_url_does_a_real_get(http_server: str) -> None:

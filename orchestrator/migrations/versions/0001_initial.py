@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 15:23:05.229892
+
 """
 
 from __future__ import annotations
