@@ -370,6 +370,30 @@ def breakers(reset_name: str | None) -> None:
 
 
 @main.command()
+@click.option("--port", default=9808, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--address", default="0.0.0.0", show_default=True)
+def metrics(port: int, address: str) -> None:
+    """Serve Prometheus metrics read from SQL (jobs, branches, durations, breakers, queue depth)."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import CollectorRegistry, make_wsgi_app
+
+    from .metrics import SQLCollector
+
+    orc = _orchestrator()
+    registry = CollectorRegistry()
+    registry.register(SQLCollector(orc.settings, orc.app))
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = make_server(address, port, make_wsgi_app(registry), handler_class=Quiet)
+    click.echo(f"serving metrics on http://{address}:{server.server_port}/metrics", err=True)
+    server.serve_forever()
+
+
+@main.command()
 def demo() -> None:
     """Start the three pools, run a mixed io+cpu job with progress, print its outcome, stop the pools."""
     from .demo import run_demo
