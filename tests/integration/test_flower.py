@@ -176,6 +176,11 @@ def test_flower_shows_a_jobs_branches_under_their_catalog_names(
     assert indexes == [0, 1, 2]  # (job id, branch index, args, kwargs)
     by_name = flower.get("/api/tasks", params={"taskname": "jobs.io.sleep", "limit": 1000}).json()
     assert {t["uuid"] for t in tasks["jobs.io.sleep"]} <= by_name.keys()
+    # The README's way to find a job's tasks: Flower's search, by job id.
+    found = flower.get("/api/tasks", params={"search": job.id, "limit": 1000}).json()
+    mine = {t["uuid"] for ts in tasks.values() for t in ts}
+    assert mine <= found.keys()
+    assert {b.celery_task_id for b in view.branches} <= found.keys()  # the ids recorded in SQL
 
 
 def test_flower_runs_from_the_compose_command(stack: LocalStack) -> None:
