@@ -102,15 +102,6 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         with self.engine.begin() as conn:
             conn.execute(delete(ResultRecord).where(ResultRecord.key == _key(key)))
 
-    def incr(self, key: str | bytes) -> int:
-        """Celery's generic counter (unused by the chord join, which counts each part once)."""
-        stmt = self._insert(ChordCounter).values(group_id=_key(key), done=1, fired=False, created_at=utcnow())
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[ChordCounter.group_id], set_={"done": ChordCounter.done + 1}
-        ).returning(ChordCounter.done)
-        with self.engine.begin() as conn:
-            return int(conn.execute(stmt).scalar_one())
-
     def expire(self, key: str | bytes, value: Any) -> None:
         """Retention is by age (`orchestrator db prune`), not per key."""
 

@@ -6,21 +6,19 @@ import json
 import os
 import shlex
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .display import console, print_job, styled, watch_job
 from .errors import OrchestratorError
 from .settings import Settings
 from .views import JobView
 
-console = Console()
 err_console = Console(stderr=True)
 
 
@@ -227,52 +225,9 @@ def submit(
     )
     click.echo(view.id)
     if wait:
-        final = _watch(orc, view.id)
-        _print_job(final)
+        final = watch_job(orc, view.id)
+        print_job(final)
         sys.exit(0 if final.state in ("succeeded", "partial") else 1)
-
-
-_STATE_STYLE = {
-    "succeeded": "green", "partial": "yellow", "failed": "red", "cancelled": "magenta",
-    "timed_out": "red", "short_circuited": "magenta", "running": "cyan", "pending": "dim",
-    "aggregating": "cyan", "closed": "green", "open": "red", "half_open": "yellow",
-}  # fmt: skip
-
-
-def _styled(state: str) -> str:
-    return f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]"
-
-
-def _print_job(view: JobView) -> None:
-    duration = f"{view.duration:.3f}s" if view.duration is not None else "-"
-    console.print(
-        f"job [bold]{view.id}[/bold] {view.name or ''}  {_styled(view.state)}  "
-        f"{view.branch_done}/{view.branch_total} branches  {duration}",
-        highlight=False,
-    )
-    if view.branches:
-        table = Table()
-        widths = {
-            "#": len(str(len(view.branches))),
-            "task": max(len(b.task) for b in view.branches),
-            "queue": max(len(b.queue) for b in view.branches),
-            "state": max(len(b.state) for b in view.branches),
-            "tries": 5,
-            "secs": 6,
-        }
-        for header, width in widths.items():
-            table.add_column(header, no_wrap=True, min_width=max(width, len(header)))
-        rest = console.width - sum(max(w, len(h)) + 3 for h, w in widths.items()) - 4
-        table.add_column("result / error", no_wrap=True, overflow="ellipsis", max_width=max(rest, 12))
-        for b in view.branches:
-            shown = b.error if b.error else json.dumps(b.result)
-            seconds = f"{b.duration:.3f}" if b.duration is not None else "-"
-            table.add_row(str(b.index), b.task, b.queue, _styled(b.state), str(b.attempts), seconds, shown)
-        console.print(table)
-    if view.error:
-        console.print(f"[red]error:[/red] {view.error}", highlight=False)
-    if view.final and view.result is not None:
-        console.print("result:", json.dumps(view.result, indent=2), highlight=False)
 
 
 @main.command()
@@ -284,7 +239,7 @@ def status(job_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(_view_dict(view), indent=2, default=str))
     else:
-        _print_job(view)
+        print_job(view)
 
 
 def _view_dict(view: JobView) -> dict[str, Any]:
@@ -308,28 +263,9 @@ def list_jobs(state: str | None, limit: int) -> None:
         table.add_column(header, no_wrap=True)
     for v in _orchestrator().list(state=state, limit=limit):
         seconds = f"{v.duration:.3f}" if v.duration is not None else "-"
-        table.add_row(v.id, v.name or "", _styled(v.state), f"{v.branch_done}/{v.branch_total}",
+        table.add_row(v.id, v.name or "", styled(v.state), f"{v.branch_done}/{v.branch_total}",
                       v.created_at.strftime("%m-%d %H:%M:%S"), seconds)  # fmt: skip
     console.print(table)
-
-
-def _watch(orc: Any, job_id: str, timeout: float | None = None) -> JobView:
-    started = time.monotonic()
-    view: JobView = orc.get(job_id)
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[states]}"), TimeElapsedColumn(), console=console, transient=False,
-    ) as progress:  # fmt: skip
-        bar = progress.add_task(view.name or view.id[:8], total=view.branch_total, states="")
-        while True:
-            view = orc.get(job_id)
-            states = "  ".join(f"{k}={n}" for k, n in sorted(view.counts().items()))
-            progress.update(bar, completed=view.branch_done, states=f"{states}  job={view.state}")
-            if view.final:
-                return view
-            if timeout is not None and time.monotonic() - started > timeout:
-                _fail(f"job {job_id} is still {view.state} after {timeout:g}s")
-            time.sleep(0.1)
 
 
 @main.command()
@@ -338,8 +274,8 @@ def _watch(orc: Any, job_id: str, timeout: float | None = None) -> JobView:
 def watch(job_id: str, timeout: float | None) -> None:
     """Live progress of a job until it is final, then its outcome."""
     orc = _orchestrator()
-    final = _watch(orc, job_id, timeout)
-    _print_job(final)
+    final = watch_job(orc, job_id, timeout)
+    print_job(final)
     sys.exit(0 if final.state in ("succeeded", "partial") else 1)
 
 
@@ -364,7 +300,7 @@ def breakers(reset_name: str | None) -> None:
     table = Table("name", "state", "failures", "threshold", "reset after", "retry at", "updated")
     for b in orc.breakers():
         retry = b.retry_at.strftime("%H:%M:%S.%f")[:-3] if b.retry_at else "-"
-        table.add_row(b.name, _styled(b.state), str(b.failure_count), str(b.failure_threshold),
+        table.add_row(b.name, styled(b.state), str(b.failure_count), str(b.failure_threshold),
                       f"{b.reset_timeout:g}s", retry, b.updated_at.strftime("%H:%M:%S"))  # fmt: skip
     console.print(table)
 

@@ -69,7 +69,7 @@ def breaker_demo(orc: Any, server: LocalServer, console: Console) -> None:
     from jobs.io import shard_api
 
     from .api import branch
-    from .cli import _styled
+    from .display import styled
 
     shard_api.reset()
     url = f"{server.url}/flaky"
@@ -78,8 +78,8 @@ def breaker_demo(orc: Any, server: LocalServer, console: Console) -> None:
         view = orc.wait(
             orc.submit([branch("jobs.io.guarded_fetch", url)] * n, "jobs.aggregate.summary").id, 60
         )
-        counts = "  ".join(f"{_styled(k)}={v}" for k, v in sorted(view.counts().items()))
-        console.print(f"  {step:<30} {counts}  -> {_styled(shard_api.view().state)}", highlight=False)
+        counts = "  ".join(f"{styled(k)}={v}" for k, v in sorted(view.counts().items()))
+        console.print(f"  {step:<30} {counts}  -> {styled(shard_api.view().state)}", highlight=False)
 
     console.print(
         f"\n[bold]circuit breaker[/bold] shard-api (threshold {shard_api.failure_threshold}, reset "
@@ -98,7 +98,7 @@ def breaker_demo(orc: Any, server: LocalServer, console: Console) -> None:
 
 def run_demo(console: Console) -> int:
     from .api import Orchestrator, branch
-    from .cli import _print_job, _watch
+    from .display import print_job, watch_job
 
     settings = Settings.from_env()
     where = "embedded (SQLite + file-system broker, no server)" if settings.embedded else settings.broker_url
@@ -124,8 +124,8 @@ def run_demo(console: Console) -> int:
             )
             job = orc.submit(branches, fan_in="jobs.aggregate.summary", name="demo")
             console.print(f"submitted job {job.id} with {len(branches)} branches")
-            final = _watch(orc, job.id, timeout=120)
-            _print_job(final)
+            final = watch_job(orc, job.id, timeout=120)
+            print_job(final)
             wall = final.duration or 0.0
             serial = sum(b.duration or 0.0 for b in final.branches)
             console.print(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 
 from .database import get_engine
 from .errors import JobNotFound
@@ -311,11 +311,6 @@ class Store:
                     delete(Job).where(Job.finished_at < cutoff, Job.state.in_(FINAL_JOB_STATES))
                 ).rowcount
             )
-
-    def counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-        return {r[0]: r[1] for r in rows}
 
 
 def _branch_view(row: Any) -> BranchView:
