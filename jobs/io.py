@@ -8,11 +8,11 @@ from typing import Any
 
 import httpx
 
-from orchestrator import Deadline, DeadlineExceeded, circuit_breaker, io_task
+from orchestrator import NO_DEADLINE, Deadline, DeadlineExceeded, circuit_breaker, io_task
 
 
 @io_task
-def sleep(seconds: float, *, deadline: Deadline) -> float:
+def sleep(seconds: float, *, deadline: Deadline = NO_DEADLINE) -> float:
     """Stands in for a shard query: waits, then returns the seconds slept. Like a well-behaved query it
     gives up when the job's deadline comes first."""
     if seconds < 0:
@@ -27,7 +27,7 @@ def sleep(seconds: float, *, deadline: Deadline) -> float:
 
 
 @io_task
-def fetch_url(url: str, timeout: float = 10, *, deadline: Deadline) -> dict[str, Any]:
+def fetch_url(url: str, timeout: float = 10, *, deadline: Deadline = NO_DEADLINE) -> dict[str, Any]:
     """A real HTTP GET; a non-2xx answer is a failed branch, because the caller asked for the body."""
     started = time.perf_counter()
     budget = min(timeout, deadline.remaining(default=timeout) or 0.001)
@@ -59,7 +59,7 @@ shard_api = circuit_breaker("shard-api", failure_threshold=3, reset_timeout=2.0,
 
 
 @io_task(breaker="shard-api")
-def guarded_fetch(url: str, timeout: float = 5, *, deadline: Deadline) -> dict[str, Any]:
+def guarded_fetch(url: str, timeout: float = 5, *, deadline: Deadline = NO_DEADLINE) -> dict[str, Any]:
     """fetch_url behind the shared "shard-api" circuit breaker: when the API keeps failing, later branches
     are short-circuited at once instead of each waiting on a dead service."""
     started = time.perf_counter()

@@ -8,7 +8,7 @@ print(orc.wait(job.id, timeout=30).state)
 
 from .api import BranchSpec, Orchestrator, branch
 from .breaker import CircuitBreaker, circuit_breaker
-from .deadline import Deadline
+from .deadline import NO_DEADLINE, Deadline
 from .errors import (
     ArgumentsNotSerializable,
     BreakerNotFound,
@@ -31,6 +31,7 @@ from .settings import Settings
 from .views import BranchOutcome, BranchView, BreakerView, JobView
 
 __all__ = [
+    "NO_DEADLINE",
     "ArgumentsNotSerializable",
     "BranchOutcome",
     "BranchSpec",

@@ -27,3 +27,7 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.at is not None and time.time() >= self.at
+
+
+#: The default for a branch function's `deadline` parameter, so it can also be called directly.
+NO_DEADLINE = Deadline(None)

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from orchestrator import Orchestrator, Settings
-from orchestrator.database import get_engine
+from orchestrator.database import get_engine, upgrade
 from orchestrator.embedded import KINDS, WorkerProcess, start_pools, start_worker, stop_all
 from orchestrator.models import Branch, Job
 from tests.services import postgres_database, rabbitmq_vhost, redis_database
@@ -111,42 +111,50 @@ def stack_services(name: str, home: Path) -> Iterator[dict[str, str]]:
         raise ValueError(name)
 
 
-@pytest.fixture(scope="module", params=STACKS)
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A running deployment (all three pools), one per stack, shared by a test module."""
-    home = tmp_path_factory.mktemp(request.param)
-    with stack_services(request.param, home) as env:
-        s = Stack(request.param, env, home)
+@contextmanager
+def running_stack(name: str, home: Path) -> Iterator[Stack]:
+    """A deployment with all three pools running, stopped (and its namespaces removed) afterwards."""
+    with stack_services(name, home) as env:
+        s = Stack(name, env, home)
         s.start()
         try:
             yield s
         finally:
             s.stop()
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One running deployment per stack, shared by a test module."""
+    with running_stack(request.param, tmp_path_factory.mktemp(request.param)) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def pg_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The production stack (PostgreSQL + RabbitMQ, SQL result backend), shared by a test module."""
-    home = tmp_path_factory.mktemp("pg")
-    with stack_services("postgres-rabbitmq", home) as env:
-        s = Stack("postgres-rabbitmq", env, home)
-        s.start()
-        try:
-            yield s
-        finally:
-            s.stop()
+    with running_stack("postgres-rabbitmq", tmp_path_factory.mktemp("pg")) as s:
+        yield s
 
 
 @pytest.fixture
 def rabbit_stack(tmp_path: Path) -> Iterator[Stack]:
     """A PostgreSQL + RabbitMQ deployment of the test's own, for tests that kill its workers."""
-    with stack_services("postgres-rabbitmq", tmp_path) as env:
-        s = Stack("postgres-rabbitmq", env, tmp_path)
-        s.start()
-        try:
-            yield s
-        finally:
-            s.stop()
+    with running_stack("postgres-rabbitmq", tmp_path) as s:
+        yield s
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database: a fresh PostgreSQL database, or a SQLite file."""
+    if request.param == "postgres":
+        with postgres_database() as url:
+            upgrade(url)
+            yield url
+    else:
+        url = f"sqlite:///{tmp_path / 'orchestrator.db'}"
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture

@@ -7,31 +7,17 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orchestrator import CircuitBreaker, CircuitOpen, branch, database
+from orchestrator import CircuitBreaker, CircuitOpen, branch
 from orchestrator.demo import local_http_server
 from tests.conftest import Stack
-from tests.services import postgres_database
 
 pytestmark = pytest.mark.integration
 fork = multiprocessing.get_context("fork")  # cheap children; engines are never shared across a fork
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "postgres":
-        with postgres_database() as u:
-            database.upgrade(u)
-            yield u
-    else:
-        u = f"sqlite:///{tmp_path / 'breaker.db'}"
-        database.upgrade(u)
-        yield u
 
 
 def breaker(url: str, **config: Any) -> CircuitBreaker:
@@ -57,7 +43,8 @@ def _caller(url: str, start_at: float, backend_log: str, results: Any, asked: An
         results.put("refused")
 
 
-def test_fifty_processes_after_retry_at_send_exactly_one_probe(url: str, tmp_path: Path) -> None:
+def test_fifty_processes_after_retry_at_send_exactly_one_probe(database_url: str, tmp_path: Path) -> None:
+    url = database_url
     b = breaker(url)
     for _ in range(2):
         b.failure(b.acquire())
@@ -87,7 +74,8 @@ def _fail_many(url: str, n: int) -> None:
         b.failure(b.acquire())
 
 
-def test_two_processes_recording_failures_at_once_lose_no_count(url: str) -> None:
+def test_two_processes_recording_failures_at_once_lose_no_count(database_url: str) -> None:
+    url = database_url
     breaker(url, failure_threshold=10_000).view()
     procs = [fork.Process(target=_fail_many, args=(url, 300)) for _ in range(2)]
     for p in procs:
@@ -104,7 +92,8 @@ def _probe_then_die(url: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_a_probe_killed_mid_call_is_replaced_after_its_lease(url: str) -> None:
+def test_a_probe_killed_mid_call_is_replaced_after_its_lease(database_url: str) -> None:
+    url = database_url
     b = breaker(url, probe_lease=0.5)
     for _ in range(2):
         b.failure(b.acquire())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,24 +15,12 @@ from orchestrator.embedded import orchestrator_executable
 from orchestrator.models import Branch, Job, JobState, ResultRecord
 from orchestrator.store import NewBranch, Store, utcnow
 from tests.conftest import base_env
-from tests.services import postgres_database
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "postgres":
-        with postgres_database() as u:
-            database.upgrade(u)
-            yield u
-    else:
-        u = f"sqlite:///{tmp_path / 'prune.db'}"
-        database.upgrade(u)
-        yield u
-
-
-def test_prune_removes_only_old_final_jobs_and_old_results(url: str, tmp_path: Path) -> None:
+def test_prune_removes_only_old_final_jobs_and_old_results(database_url: str, tmp_path: Path) -> None:
+    url = database_url
     store = Store(url)
     ids = []
     for _ in range(3):

@@ -29,18 +29,6 @@ from tests.services import REDIS_URL, postgres_database, rabbitmq_vhost
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module", params=["postgres", "sqlite"])
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if request.param == "postgres":
-        with postgres_database() as url:
-            database.upgrade(url)
-            yield url
-    else:
-        url = f"sqlite:///{tmp_path_factory.mktemp('backend') / 'results.db'}"
-        database.upgrade(url)
-        yield url
-
-
 # --- Celery's own pytest fixtures: an in-process worker on the SQL backend --------------------------
 
 

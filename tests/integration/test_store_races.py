@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import multiprocessing
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from orchestrator import database
 from orchestrator.models import BranchState, JobState
 from orchestrator.store import NewBranch, Store
-from tests.services import postgres_database
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "postgres":
-        with postgres_database() as url:
-            database.upgrade(url)
-            yield Store(url)
-    else:
-        url = f"sqlite:///{tmp_path / 'race.db'}"
-        database.upgrade(url)
-        yield Store(url)
+@pytest.fixture
+def store(database_url: str) -> Store:
+    return Store(database_url)
 
 
 def _job(store: Store, n: int) -> uuid.UUID:
