@@ -205,16 +205,15 @@ class Orchestrator:
     def list(self, state: str | None = None, limit: int = 50) -> list[JobView]:
         return self.store.list(state=state, limit=limit)
 
-    def wait(self, job_id: str, timeout: float = 60.0, poll: float = 0.02) -> JobView:
-        """Block until the job is final; the SQL row is the truth, so this polls it (cheaply, by id)."""
-        deadline = time.monotonic() + timeout
-        delay = poll
+    def wait(self, job_id: str, timeout: float = 60.0, poll: float = 0.01) -> JobView:
+        """Block until the job is final. The SQL row is the truth, so this polls it by primary key: every
+        `poll` seconds for the first 10 s (a sub-millisecond query), then every 0.2 s."""
+        started = time.monotonic()
         while True:
             state = self.store.state(job_id)
             if state in ("succeeded", "partial", "failed", "cancelled"):
                 return self.store.get(job_id)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            waited = time.monotonic() - started
+            if waited >= timeout:
                 raise WaitTimeout(str(job_id), timeout, state)
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 1.5, 0.25)
+            time.sleep(min(poll if waited < 10 else 0.2, timeout - waited))

@@ -53,12 +53,16 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
     supports_native_join = True
     implements_incr = True
     supports_autoexpire = False
+    #: Chord bodies that read their inputs elsewhere (the orchestrator's fan-in reads SQL): their header
+    #: tasks may ignore results, and the join passes them an empty list instead of joining.
+    bodies_without_header_results = frozenset({"orchestrator.fan_in"})
 
     def __init__(self, url: str | None = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not url:
             raise ImproperlyConfigured("SQLBackend needs a database URL, e.g. orchestrator+sqlite:///x.db")
         self.url = url
+        self._sizes: dict[str, int] = {}  # chord sizes this process stored in apply_chord
         #: Seconds after which a publish claim whose worker never marked the body sent may be taken over.
         self.publish_lease = float(self.app.conf.get("chord_publish_lease") or 30.0)
         self._insert = (postgresql if url.startswith("postgres") else sqlite).insert
@@ -90,13 +94,16 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         return [found.get(k) for k in wanted]
 
     def set(self, key: str | bytes, value: str | bytes) -> None:
+        with self.engine.begin() as conn:
+            self._upsert_result(conn, key, value)
+
+    def _upsert_result(self, conn: Any, key: str | bytes, value: str | bytes) -> None:
         stmt = self._insert(ResultRecord).values(key=_key(key), value=_bytes(value), updated_at=utcnow())
         stmt = stmt.on_conflict_do_update(
             index_elements=[ResultRecord.key],
             set_={"value": stmt.excluded.value, "updated_at": stmt.excluded.updated_at},
         )
-        with self.engine.begin() as conn:
-            conn.execute(stmt)
+        conn.execute(stmt)
 
     def delete(self, key: str | bytes) -> None:
         with self.engine.begin() as conn:
@@ -108,11 +115,28 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
     # --- the chord join ----------------------------------------------------------------------------
 
     def _apply_chord_incr(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
-        """Save the group and the body before the header is sent: the body row is our outbox."""
-        super()._apply_chord_incr(header_result_args, body, **kwargs)
-        self._upsert_counter(header_result_args[0], {"body": dict(body)})
+        """Before the header is sent: the group (for the join) and the counter row with the body (our
+        outbox) and the total, in one transaction."""
+        group_id, results = header_result_args[0], header_result_args[1]
+        total = len(results)
+        counter = self._insert(ChordCounter).values(
+            group_id=group_id, done=0, total=total, fired=False, body=dict(body), created_at=utcnow()
+        )
+        counter = counter.on_conflict_do_update(
+            index_elements=[ChordCounter.group_id], set_={"total": total, "body": dict(body)}
+        )
+        with self.engine.begin() as conn:
+            if body.get("task") not in self.bodies_without_header_results:
+                group = self.app.GroupResult(*header_result_args)
+                self._upsert_result(
+                    conn, self.get_key_for_group(group_id), self.encode({"result": group.as_tuple()})
+                )
+            conn.execute(counter)
+        self._sizes[group_id] = total
 
     def set_chord_size(self, group_id: str, chord_size: int) -> None:
+        if self._sizes.pop(group_id, None) == chord_size:
+            return  # apply_chord in this process already stored it
         self._upsert_counter(group_id, {"total": chord_size})
 
     def _upsert_counter(self, group_id: str, values: dict[str, Any]) -> None:
@@ -222,6 +246,9 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def _fire(self, gid: str, body: Any) -> None:
         app = self.app
         callback = maybe_signature(body, app=app)
+        if body.get("task") in self.bodies_without_header_results:
+            self._publish_body(gid, callback, [])
+            return
         deps = GroupResult.restore(gid, backend=self)
         if deps is None:
             self.chord_error_from_stack(callback, ChordError(f"GroupResult {gid} no longer exists"))
@@ -240,13 +267,21 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
                 error.__cause__ = exc
                 self.chord_error_from_stack(callback=callback, exc=error)
             else:
-                try:
-                    app.amqp._retry_publish(callback.delay, ret)
-                except Exception as exc:
-                    logger.exception("chord %s: publishing the body failed", gid)
-                    error = ChordError(f"Callback error: {exc!r}")
-                    error.__cause__ = exc
-                    self.chord_error_from_stack(callback=callback, exc=error)
+                self._publish_body(gid, callback, ret)
+                return
+        self._mark_fired(gid)
+
+    def _publish_body(self, gid: str, callback: Any, ret: Any) -> None:
+        try:
+            self.app.amqp._retry_publish(callback.delay, ret)
+        except Exception as exc:
+            logger.exception("chord %s: publishing the body failed", gid)
+            error = ChordError(f"Callback error: {exc!r}")
+            error.__cause__ = exc
+            self.chord_error_from_stack(callback=callback, exc=error)
+        self._mark_fired(gid)
+
+    def _mark_fired(self, gid: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(ChordCounter).where(ChordCounter.group_id == gid).values(fired=True))
 
