@@ -25,6 +25,9 @@ class Mode:
     p4_runs: int
     p4_branch_seconds: float  # calibrated cpu work per branch
     p7_runs: int
+    p5_jobs: int = 50  # jobs with a stuck branch, each timed from its deadline to its final state
+    p6_rejections: int = 2000  # open-breaker refusals timed (cached); a tenth of that uncached
+    p6_calls: int = 100  # breaker-guarded vs unguarded branches, per side
     skip_systems: tuple[str, ...] = ()  # systems left out of this mode altogether
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,6 +50,9 @@ MODES: dict[str, Mode] = {
         p4_runs=1,
         p4_branch_seconds=0.05,
         p7_runs=5,
+        p5_jobs=4,
+        p6_rejections=200,
+        p6_calls=8,
     ),
     # Under a minute on two cores: the real sizes, few repetitions.
     "quick": Mode(
@@ -63,6 +69,9 @@ MODES: dict[str, Mode] = {
         p4_runs=1,
         p4_branch_seconds=0.3,
         p7_runs=15,
+        p5_jobs=50,
+        p6_rejections=2000,
+        p6_calls=40,
         # Optional in the issue, and ~15 s of P3 on two cores: only the full mode runs it.
         skip_systems=("celery-redis-gevent",),
     ),
@@ -79,6 +88,9 @@ MODES: dict[str, Mode] = {
         p4_branches=8,
         p4_runs=5,
         p4_branch_seconds=0.3,
+        p5_jobs=100,
+        p6_rejections=20000,
+        p6_calls=200,
         p7_runs=200,
     ),
 }

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from jobs.cpu import count_primes
+from orchestrator import CircuitBreaker, CircuitOpen
+from orchestrator.demo import local_http_server
 
 from .modes import Mode
 from .stats import summarize
@@ -322,6 +324,72 @@ def cpu_scaling(ctx: Context, out: ScenarioResult) -> None:
             branch_s = statistics.median(m.extra["median_branch_s"])
             out.figure(f"branch time, {processes} process(es)", ORCH, branch_s, "s")
     out.figure("speed-up 2 vs 1 process", ORCH, medians[1] / medians[2], "x", (">=", 1.8))
+
+
+# --- P5 ------------------------------------------------------------------------------------------
+
+
+@scenario("P5", "deadline: stuck branches, deadline to final state", ORCH)
+def deadline_to_final(ctx: Context, out: ScenarioResult) -> None:
+    """Jobs whose second branch sleeps past the deadline and ignores it: only the ETA watchdog can end
+    them. Measured on the server's clock: finished_at - deadline_at, per job."""
+    system = ctx.systems[ORCH]
+    assert isinstance(system, OrchestratorSystem)
+    deadline, stuck_for = 0.5, 2.0
+    out.params = {"jobs": ctx.mode.p5_jobs, "deadline_s": deadline, "stuck_branch_s": stuck_for}
+    ctx.say(f"P5 {ORCH}: {ctx.mode.p5_jobs} jobs, deadline {deadline}s")
+    system.deadline_lags(2, deadline, stuck_for)  # warm-up
+    lags = system.deadline_lags(ctx.mode.p5_jobs, deadline, stuck_for)
+    out.measure(Measurement(ORCH, "deadline to final", "s", lags, 1))
+    s = summarize(lags)
+    out.figure("p50 deadline to final", ORCH, s.median * 1000, "ms")
+    out.figure("p95 deadline to final", ORCH, s.p95 * 1000, "ms", ("<=", 50.0))
+
+
+# --- P6 ------------------------------------------------------------------------------------------
+
+
+def _refusal_seconds(breaker: CircuitBreaker) -> float:
+    started = time.perf_counter()
+    try:
+        breaker.acquire()
+    except CircuitOpen:
+        return time.perf_counter() - started
+    raise RuntimeError(f"breaker {breaker.name} let a call through")
+
+
+@scenario("P6", "circuit breaker: open-breaker refusal, closed-breaker cost", ORCH)
+def breaker_costs(ctx: Context, out: ScenarioResult) -> None:
+    """Refusals are timed in this process against the orchestrator's PostgreSQL, with the per-process
+    snapshot (the default 0.2 s TTL, so nearly every refusal is a cache hit) and without it (every
+    refusal reads the row). The closed-breaker cost is the run time of real branches on the io pool:
+    jobs.io.guarded_fetch (through the shared 'shard-api' breaker) against jobs.io.fetch_url, same URL."""
+    system = ctx.systems[ORCH]
+    assert isinstance(system, OrchestratorSystem)
+    url = system.orc.settings.database_url
+    n = ctx.mode.p6_rejections
+    out.params = {"refusals_cached": n, "refusals_uncached": max(n // 10, 10), "branches": ctx.mode.p6_calls}
+    for label, ttl, count in (("cached", 0.2, n), ("uncached", 0.0, max(n // 10, 10))):
+        b = CircuitBreaker(
+            f"bench-{label}", failure_threshold=1, reset_timeout=3600, cache_ttl=ttl, database_url=url
+        )
+        b.failure(b.acquire())
+        samples = repeat(functools.partial(_refusal_seconds, b), ctx.mode.warmup * 10, count)
+        out.measure(Measurement(ORCH, f"open-breaker refusal ({label})", "s", samples, ctx.mode.warmup * 10))
+        s = summarize(samples)
+        out.figure(f"refusal p50 ({label})", ORCH, s.median * 1e6, "us")
+        target = ("<=", 1000.0) if label == "cached" else None
+        out.figure(f"refusal p99 ({label})", ORCH, s.p99 * 1e6, "us", target)
+    CircuitBreaker("shard-api", database_url=url).reset()
+    with local_http_server() as server:
+        page = f"{server.url}/bytes/100"
+        plain = system.branch_seconds("jobs.io.fetch_url", [page], ctx.mode.p6_calls)
+        guarded = system.branch_seconds("jobs.io.guarded_fetch", [page], ctx.mode.p6_calls)
+    out.measure(Measurement(ORCH, "branch without breaker", "s", plain, 0))
+    out.measure(Measurement(ORCH, "branch with closed breaker", "s", guarded, 0))
+    out.figure(
+        "closed breaker: branch time ratio", ORCH, statistics.median(guarded) / statistics.median(plain), "x"
+    )
 
 
 # --- P7 ------------------------------------------------------------------------------------------

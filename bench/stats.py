@@ -1,4 +1,4 @@
-"""Summaries of repeated runs: the median as the figure, p5/p95 and min/max as its spread."""
+"""Summaries of repeated runs: the median as the figure, p5/p95/p99 and min/max as its spread."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class Summary:
     median: float
     p5: float
     p95: float
+    p99: float
     min: float
     max: float
     mean: float
@@ -38,6 +39,7 @@ def summarize(samples: Sequence[float]) -> Summary:
         median=statistics.median(samples),
         p5=percentile(samples, 5),
         p95=percentile(samples, 95),
+        p99=percentile(samples, 99),
         min=min(samples),
         max=max(samples),
         mean=statistics.fmean(samples),

@@ -113,6 +113,7 @@ class OrchestratorSystem(System):
                 "ORCH_DATABASE_URL": database_url,
                 "ORCH_BROKER_URL": broker_url,
                 "ORCH_LOG_LEVEL": "INFO",
+                "ORCH_IMPORTS": "bench.catalog",
             }
         )
         self.log_dir = log_dir
@@ -194,6 +195,28 @@ class OrchestratorSystem(System):
     def run_cpu_job(self, width: int, limit: int) -> Timing:
         """One job of `width` count_primes branches on the cpu pool (prefork)."""
         return self._run([branch("jobs.cpu.count_primes", limit=limit) for _ in range(width)])
+
+    def deadline_lags(self, count: int, deadline: float, stuck_for: float) -> list[float]:
+        """Seconds from each job's deadline to its final state (SQL timestamps), for jobs whose second
+        branch is stuck past the deadline, so only the deadline watchdog can finalize them."""
+        branches = [branch("jobs.io.sleep", 0.01), branch("bench.catalog.stuck", stuck_for)]
+        ids = [
+            self.orc.submit(branches, "jobs.aggregate.summary", deadline=deadline).id for _ in range(count)
+        ]
+        views = [self.orc.wait(job_id, timeout=JOB_TIMEOUT) for job_id in ids]
+        bad = [v for v in views if v.state != "partial" or v.finished_at is None or v.deadline_at is None]
+        if bad:
+            raise self._fail(f"job {bad[0].id} ended {bad[0].state}: {bad[0].error}")
+        time.sleep(stuck_for)  # let the stragglers free their io threads before the next scenario
+        return [(v.finished_at - v.deadline_at).total_seconds() for v in views]  # type: ignore[operator]
+
+    def branch_seconds(self, task: str, args: list[Any], count: int) -> list[float]:
+        """Run `count` branches of `task` in one job; their run times (started -> outcome) from SQL."""
+        view = self.orc.wait(self.orc.submit([branch(task, *args)] * count, "jobs.aggregate.summary").id,
+                             timeout=JOB_TIMEOUT)  # fmt: skip
+        if view.state != "succeeded":
+            raise self._fail(f"job {view.id} ended {view.state}: {view.error}")
+        return [b.duration for b in view.branches if b.duration is not None]
 
     def submit_seconds(self, width: int, seconds: float) -> float:
         branches = [branch("jobs.io.sleep", seconds=seconds) for _ in range(width)]

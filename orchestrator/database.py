@@ -68,7 +68,10 @@ def get_engine(url: str) -> Engine:
                 if url.startswith("sqlite"):
                     engine = _sqlite_engine(url)
                 else:
-                    engine = create_engine(url, pool_size=5, max_overflow=64, pool_pre_ping=True)
+                    # Kept connections must cover a thread pool's concurrent transactions: an overflow
+                    # connection is closed on return, so each transaction past pool_size would pay for a
+                    # new PostgreSQL connection (measured: +60 ms per io branch with 8 threads at 5).
+                    engine = create_engine(url, pool_size=32, max_overflow=32, pool_pre_ping=True)
             except Exception as exc:  # bad URL, missing driver
                 raise ConfigurationError(f"cannot use database URL {url!r}: {exc}") from exc
             _engines[url] = engine
