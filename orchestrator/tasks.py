@@ -226,7 +226,9 @@ def deadline(self: Task, job_id: str) -> dict[str, Any]:
         return {"job": job_id, "skipped": "job already final"}
     claim, stopped = expired
     try:
-        revoke(app, settings.cpu_queue, stopped, terminate_cpu=False)
+        # Only queued branches: a running io thread cannot be stopped from outside, a running cpu branch
+        # already has its own soft limit at the deadline, and each revoke is a broadcast to every worker.
+        revoke(app, settings.cpu_queue, [b for b in stopped if not b.was_running], terminate_cpu=False)
     except Exception:  # an optimisation only: a timed-out branch refuses to start anyway
         logger.exception("job %s: revoking timed-out branches failed", job_id)
     logger.info("job %s: deadline passed, %d branches timed out", job_id, len(stopped))
