@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -115,7 +116,7 @@ class Orchestrator:
         timed_out. min_success: fewer succeeded branches fail the job without calling the aggregator.
         fan_in_timeout: the aggregator's soft time limit (default ORCH_FAN_IN_TIMEOUT).
         """
-        new = self._validate(branches, fan_in, name)
+        new = self._chunk(self._validate(branches, fan_in, name))
         if deadline is not None:
             deadline = _positive("deadline", deadline)
         if min_success is not None and (
@@ -140,22 +141,52 @@ class Orchestrator:
             self._publish(str(job_id), new, timeout, deadline_at)
         return self.store.get(job_id)
 
+    def _chunk(self, new: list[NewBranch]) -> list[NewBranch]:
+        """A wide job's io branches share one Celery task id per chunk: the chunk is one message."""
+        io = [i for i, b in enumerate(new) if b.queue == self.settings.io_queue]
+        if len(io) < self.settings.io_chunk_min:
+            return new
+        size = self.settings.io_chunk_size
+        for start in range(0, len(io), size):
+            chunk_id = str(uuid.uuid4())
+            for i in io[start : start + size]:
+                new[i] = dataclasses.replace(new[i], celery_task_id=chunk_id)
+        return new
+
     def _publish(
         self, job_id: str, branches: Sequence[NewBranch], fan_in_timeout: float, deadline_at: datetime | None
     ) -> None:
         at = None if deadline_at is None else deadline_at.timestamp()
         cpu_limit = None if at is None else max(at - time.time(), 0.001)
-        header = group(
-            self.app.signature(
-                b.task,
-                args=(job_id, i, b.args, b.kwargs, at),
-                queue=b.queue,
-                task_id=b.celery_task_id,
-                # prefork honours soft limits; the branch also arms one at exactly the time left.
-                soft_time_limit=cpu_limit if b.queue == self.settings.cpu_queue else None,
+        members: dict[str | None, list[int]] = {}
+        for i, b in enumerate(branches):
+            members.setdefault(b.celery_task_id, []).append(i)
+        signatures = []
+        for task_id, indexes in members.items():
+            if len(indexes) > 1:  # an io chunk (see _chunk)
+                chunk = [[i, branches[i].task, branches[i].args, branches[i].kwargs] for i in indexes]
+                signatures.append(
+                    self.app.signature(
+                        "orchestrator.io_chunk",
+                        args=(job_id, chunk, at),
+                        queue=self.settings.io_queue,
+                        task_id=task_id,
+                    )
+                )
+                continue
+            i = indexes[0]
+            b = branches[i]
+            signatures.append(
+                self.app.signature(
+                    b.task,
+                    args=(job_id, i, b.args, b.kwargs, at),
+                    queue=b.queue,
+                    task_id=b.celery_task_id,
+                    # prefork honours soft limits; the branch also arms one at exactly the time left.
+                    soft_time_limit=cpu_limit if b.queue == self.settings.cpu_queue else None,
+                )
             )
-            for i, b in enumerate(branches)
-        )
+        header = group(signatures)
         limits = {"soft_time_limit": fan_in_timeout, "time_limit": fan_in_timeout + 10}
         body = self.app.signature(
             "orchestrator.fan_in", args=(job_id,), queue=self.settings.fanin_queue, **limits

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import JSON, Engine, bindparam, delete, func, insert, or_, select, update
 
 from .database import get_engine
 from .errors import JobNotFound
@@ -165,6 +165,61 @@ class Store:
                 .returning(Branch.attempts)
             ).scalar_one_or_none()
 
+    def start_branches(self, job_id: uuid.UUID, indexes: Sequence[int]) -> dict[int, int]:
+        """start_branch for a chunk, in one statement: {index: attempt} of those not already final."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                update(Branch)
+                .where(
+                    Branch.job_id == job_id,
+                    Branch.index.in_(list(indexes)),
+                    Branch.state.in_((BranchState.PENDING, BranchState.RUNNING)),
+                )
+                .values(state=BranchState.RUNNING, attempts=Branch.attempts + 1, started_at=utcnow())
+                .returning(Branch.index, Branch.attempts)
+            ).all()
+        return {index: attempts for index, attempts in rows}
+
+    def finish_branches(
+        self, job_id: uuid.UUID, outcomes: Sequence[tuple[int, int, BranchState, Any, str | None]]
+    ) -> None:
+        """finish_branch for a chunk: (index, attempts, state, result, error) rows, in one transaction;
+        branch_done is recounted from the rows, since any of them may have lost to the deadline."""
+        now = utcnow()
+        rows = [
+            {"b_index": i, "b_attempts": a, "b_state": s.value, "b_result": r, "b_error": e}
+            for i, a, s, r, e in outcomes
+        ]
+        key = (Branch.job_id == job_id, Branch.index == bindparam("b_index"))
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(Branch)
+                .where(*key, Branch.state == BranchState.RUNNING)
+                .values(
+                    state=bindparam("b_state"),
+                    attempts=bindparam("b_attempts"),
+                    result=bindparam("b_result", type_=JSON),
+                    error=bindparam("b_error"),
+                    finished_at=now,
+                ),
+                rows,
+            )
+            conn.execute(
+                update(Branch)
+                # or_ rather than in_: an expanding IN cannot be used in an executemany.
+                .where(
+                    *key,
+                    or_(Branch.state == BranchState.TIMED_OUT, Branch.state == BranchState.CANCELLED),
+                    Branch.late.is_(False),
+                )
+                .values(late=True, result=bindparam("b_result", type_=JSON)),
+                [{"b_index": r["b_index"], "b_result": r["b_result"]} for r in rows],
+            )
+            final = select(func.count()).where(
+                Branch.job_id == job_id, Branch.state.not_in((BranchState.PENDING, BranchState.RUNNING))
+            )
+            conn.execute(update(Job).where(Job.id == job_id).values(branch_done=final.scalar_subquery()))
+
     def finish_branch(
         self, job_id: uuid.UUID, index: int, state: BranchState, result: Any, error: str | None
     ) -> bool:
@@ -200,10 +255,17 @@ class Store:
             row = conn.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state.in_(states))
-                .values(state=JobState.AGGREGATING)
+                .values(state=JobState.AGGREGATING, branch_done=Job.branch_total)
                 .returning(Job.fan_in, Job.min_success, Job.fan_in_timeout)
             ).one_or_none()
-        return None if row is None else FanInClaim(row.fan_in, row.min_success, row.fan_in_timeout)
+            if row is None:
+                return None
+            # The chord body runs once every branch task has ended; one that ended without recording an
+            # outcome (its task failed on an infrastructure error) is failed here, so no branch of an
+            # aggregated job is left pending or running.
+            error = "the branch's task ended without recording an outcome"
+            self._stop_unfinished(conn, job_id, BranchState.FAILED, error, utcnow())
+        return FanInClaim(row.fan_in, row.min_success, row.fan_in_timeout)
 
     def _stop_unfinished(
         self, conn: Any, job_id: uuid.UUID, state: BranchState, error: str, now: datetime

@@ -14,12 +14,16 @@ import logging
 import random
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from .breaker import get_breaker
 from .celery_app import app, settings
@@ -32,6 +36,15 @@ from .store import FanInClaim, StoppedBranch, Store
 logger = logging.getLogger(__name__)
 _store: Store | None = None
 _BACKOFF_CAP = 60.0
+#: A branch task whose SQL fails (the database restarting, a connection dropped) is retried by Celery
+#: with backoff; the branch function's own errors are outcomes and never reach this.
+RETRY_ON_DATABASE_ERRORS: dict[str, Any] = {
+    "autoretry_for": (OperationalError, InterfaceError),
+    "retry_backoff": 0.5,
+    "retry_backoff_max": 30,
+    "max_retries": 8,
+}
+CHUNK_FLUSH_SECONDS = 0.02  # how long an io chunk may hold finished outcomes to write them together
 
 
 def store() -> Store:
@@ -81,6 +94,54 @@ def cpu_budget(spec: TaskSpec, budget: Deadline) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+@dataclass(frozen=True)
+class Outcome:
+    state: BranchState
+    result: Any = None
+    error: str | None = None
+    retry_in: float | None = None  # a failure that may be retried after this many seconds
+
+
+def execute(
+    spec: TaskSpec, args: list[Any], kwargs: dict[str, Any], budget: Deadline, attempt: int
+) -> Outcome:
+    """Run one attempt of a branch function: its deadline, its breaker, its retry policy. No SQL here,
+    so a single branch task and an io chunk share it."""
+    if budget.expired():
+        return Outcome(BranchState.TIMED_OUT, error="the job's deadline passed before it started")
+    call_kwargs = {**kwargs, "deadline": budget} if spec.accepts_deadline else kwargs
+    breaker = get_breaker(spec.breaker) if spec.breaker else None
+    probe: str | None = None
+    if breaker is not None:
+        try:
+            probe = breaker.acquire()
+        except CircuitOpen as exc:  # refused before the backend is called: the slot is freed at once
+            return Outcome(BranchState.SHORT_CIRCUITED, error=str(exc))
+    try:
+        with cpu_budget(spec, budget):
+            result = spec.fn(*args, **call_kwargs)
+    except (SoftTimeLimitExceeded, DeadlineExceeded) as exc:
+        if breaker is not None:
+            breaker.failure(probe)  # a backend too slow for the budget is failing
+        return Outcome(BranchState.TIMED_OUT, error=f"the branch ran out of time ({describe(exc)})")
+    except Exception as exc:
+        if breaker is not None:
+            (breaker.success if isinstance(exc, breaker.exclude) else breaker.failure)(probe)
+        retry_in = None
+        if attempt <= spec.retries:
+            delay = backoff_delay(spec, attempt)
+            left = budget.remaining()
+            if left is None or delay < left:
+                retry_in = delay
+        return Outcome(BranchState.FAILED, error=describe(exc), retry_in=retry_in)
+    if breaker is not None:
+        breaker.success(probe)
+    error = _json_or_error(result)
+    if error:
+        return Outcome(BranchState.FAILED, error=error)
+    return Outcome(BranchState.SUCCEEDED, result=result)
+
+
 def run_branch(
     task: Task,
     spec: TaskSpec,
@@ -94,53 +155,59 @@ def run_branch(
     attempt = store().start_branch(jid, index)
     if attempt is None:
         return {"index": index, "skipped": "outcome already recorded"}
+    outcome = execute(spec, args, kwargs, Deadline(deadline_at), attempt)
+    if outcome.retry_in is not None:
+        logger.info("branch %s[%d] attempt %d failed, retry in %.3fs: %s", job_id, index, attempt,
+                    outcome.retry_in, outcome.error)  # fmt: skip
+        raise task.retry(countdown=outcome.retry_in, max_retries=spec.retries)
+    if outcome.state is not BranchState.SUCCEEDED:
+        logger.info("branch %s[%d] %s %s: %s", job_id, index, spec.name, outcome.state, outcome.error)
+    store().finish_branch(jid, index, outcome.state, outcome.result, outcome.error)
+    return {"index": index, "state": outcome.state.value}
+
+
+@app.task(
+    name="orchestrator.io_chunk", bind=True, typing=False, ignore_result=True, **RETRY_ON_DATABASE_ERRORS
+)
+def io_chunk(
+    self: Task, job_id: str, branches: list[list[Any]], deadline_at: float | None = None
+) -> dict[str, Any]:
+    """Many io branches of one wide job in one message, run concurrently in this worker, their outcomes
+    recorded with one statement per chunk: a wide fan-out is bound by messages and transactions, not by
+    waiting (1000 branches as 1000 messages cost seconds of broker and SQL work before any sleeping)."""
+    jid = uuid.UUID(job_id)
+    attempts = store().start_branches(jid, [b[0] for b in branches])
     budget = Deadline(deadline_at)
-    if budget.expired():
-        store().finish_branch(
-            jid, index, BranchState.TIMED_OUT, None, "the job's deadline passed before it started"
-        )
-        return {"index": index, "state": BranchState.TIMED_OUT.value}
-    call_kwargs = {**kwargs, "deadline": budget} if spec.accepts_deadline else kwargs
-    breaker = get_breaker(spec.breaker) if spec.breaker else None
-    probe: str | None = None
-    if breaker is not None:
-        try:
-            probe = breaker.acquire()
-        except CircuitOpen as exc:  # refused before the backend is called: the slot is freed at once
-            store().finish_branch(jid, index, BranchState.SHORT_CIRCUITED, None, str(exc))
-            return {"index": index, "state": BranchState.SHORT_CIRCUITED.value}
-    result: Any = None
-    error: str | None = None
-    try:
-        with cpu_budget(spec, budget):
-            result = spec.fn(*args, **call_kwargs)
-        if breaker is not None:
-            breaker.success(probe)
-        error = _json_or_error(result)
-        state = BranchState.FAILED if error else BranchState.SUCCEEDED
-        if error:
-            result = None
-    except (SoftTimeLimitExceeded, DeadlineExceeded) as exc:
-        if breaker is not None:
-            breaker.failure(probe)  # a backend too slow for the budget is failing
-        state, error = BranchState.TIMED_OUT, f"the branch ran out of time ({describe(exc)})"
-    except Exception as exc:
-        if breaker is not None:
-            if isinstance(exc, breaker.exclude):
-                breaker.success(probe)
-            else:
-                breaker.failure(probe)
-        if attempt <= spec.retries:
-            delay = backoff_delay(spec, attempt)
-            left = budget.remaining()
-            if left is None or delay < left:
-                logger.info("branch %s[%d] attempt %d failed, retry in %.3fs: %s", job_id, index, attempt,
-                            delay, describe(exc))  # fmt: skip
-                raise task.retry(countdown=delay, max_retries=spec.retries, exc=exc) from exc
-        state, error = BranchState.FAILED, describe(exc)
-        logger.info("branch %s[%d] %s failed: %s", job_id, index, spec.name, error)
-    store().finish_branch(jid, index, state, result, error)
-    return {"index": index, "state": state.value}
+
+    def run(branch: list[Any]) -> tuple[int, int, Outcome]:
+        index, name, args, kwargs = branch
+        spec = lookup(name, expect=[TaskKind.IO])
+        attempt = attempts[index]
+        while True:  # retries stay in the chunk: its siblings are still running here
+            outcome = execute(spec, args, kwargs, budget, attempt)
+            if outcome.retry_in is None:
+                return index, attempt, outcome
+            time.sleep(outcome.retry_in)
+            attempt += 1
+
+    todo = [b for b in branches if b[0] in attempts]
+    if not todo:
+        return {"job": job_id, "branches": 0, "skipped": len(branches)}
+    # Outcomes are written as branches finish, batched over a short window: one statement for the
+    # many that finish together, and a straggler never holds its siblings' outcomes back.
+    buffer: list[tuple[int, int, BranchState, Any, str | None]] = []
+    last_flush = time.monotonic()
+    with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="chunk") as pool:
+        pending = {pool.submit(run, b) for b in todo}
+        while pending:
+            done, pending = wait(pending, timeout=CHUNK_FLUSH_SECONDS, return_when=FIRST_COMPLETED)
+            for future in done:
+                index, attempt, outcome = future.result()
+                buffer.append((index, attempt, outcome.state, outcome.result, outcome.error))
+            if buffer and (not pending or time.monotonic() - last_flush >= CHUNK_FLUSH_SECONDS):
+                store().finish_branches(jid, buffer)
+                buffer, last_flush = [], time.monotonic()
+    return {"job": job_id, "branches": len(todo), "skipped": len(branches) - len(todo)}
 
 
 def register_branch_task(spec: TaskSpec) -> None:
@@ -158,9 +225,15 @@ def register_branch_task(spec: TaskSpec) -> None:
 
     runner.__name__ = spec.fn.__name__
     runner.__doc__ = spec.fn.__doc__
-    app.task(name=spec.name, bind=True, queue=settings.queue_for(spec.kind), typing=False, shared=False)(
-        runner
-    )
+    # ignore_result: outcomes live in the branches table and the fan-in reads them there; the chord still
+    # counts the task (SQLBackend.bodies_without_header_results skips the header join).
+    options = {
+        "queue": settings.queue_for(spec.kind),
+        "typing": False,
+        "shared": False,
+        "ignore_result": True,
+    }
+    app.task(name=spec.name, bind=True, **options, **RETRY_ON_DATABASE_ERRORS)(runner)
 
 
 def aggregate(job_id: uuid.UUID, claim: FanInClaim) -> JobState:

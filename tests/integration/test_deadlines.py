@@ -166,3 +166,24 @@ def test_retries_are_never_scheduled_past_the_deadline(pg_stack: Stack) -> None:
     assert 1 <= b.attempts < 21
     assert view.deadline_at is not None and b.finished_at is not None and b.finished_at < view.deadline_at
     assert view.state == "partial"  # the fan-in ran when the last branch gave up, before the deadline
+
+
+def test_a_straggler_in_a_chunk_does_not_hold_back_its_siblings(pg_stack: Stack) -> None:
+    orc = pg_stack.orc
+    flaky_dir = _marks(pg_stack) / uuid.uuid4().hex
+    flaky_dir.mkdir()
+    branches = [branch("jobs.io.sleep", 0.05) for _ in range(66)]
+    branches += [
+        branch("tests.catalog.stubborn_sleep", 2.0),
+        branch("tests.catalog.flaky", str(flaky_dir), 1),
+    ]
+    job = orc.submit(branches, "jobs.aggregate.summary", deadline=1.0)
+    assert len({b.celery_task_id for b in job.branches}) == 2  # 68 io branches: two chunks
+    view = orc.wait(job.id, timeout=10)
+    assert view.state == "partial", pg_stack.logs()
+    assert [b.state for b in view.branches] == ["succeeded"] * 66 + ["timed_out", "succeeded"]
+    assert view.branches[67].attempts == 2  # retried inside its chunk
+    deadline = time.monotonic() + 10
+    while not orc.get(job.id).branches[66].late and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert orc.get(job.id).branches[66].result == {"slept": 2.0, "token": None}

@@ -127,3 +127,21 @@ def test_a_pickled_message_is_refused_and_the_worker_keeps_serving(stack: Stack)
     assert io.process.poll() is None
     after = orc.wait(orc.submit([branch("jobs.io.sleep", 0.01)], fan_in="jobs.aggregate.total").id, 30)
     assert (after.state, after.result) == ("succeeded", 0.01)
+
+
+def test_a_wide_job_runs_its_io_branches_in_chunks(stack: Stack) -> None:
+    orc = stack.orc
+    branches = [branch("jobs.io.sleep", 0.3) for _ in range(98)]
+    branches += [branch("tests.catalog.boom"), branch("jobs.cpu.count_primes", limit=100)]
+    job = orc.submit(branches, "jobs.aggregate.summary", name="wide")
+    chunks = {b.celery_task_id for b in job.branches if b.queue == "io"}
+    assert len(chunks) == 2  # 99 io branches, 50 to a chunk; the cpu branch is its own message
+    view = orc.wait(job.id, timeout=60)
+    assert view.state == "partial", stack.logs()
+    assert [b.state for b in view.branches] == ["succeeded"] * 98 + ["failed", "succeeded"]
+    assert view.branches[98].error == "RuntimeError: backend said no"
+    assert all(b.attempts == 1 for b in view.branches)
+    assert view.branch_done == view.branch_total == 100
+    io = view.branches[:98]
+    assert max(b.started_at for b in io) < min(b.finished_at for b in io)  # type: ignore[type-var]
+    assert view.result["states"] == {"failed": 1, "succeeded": 99}

@@ -59,3 +59,18 @@ def test_a_job_is_claimed_and_finalized_once(store: Store) -> None:
     assert sum(finals) == 1
     assert store.claim_fan_in(job_id, redelivered=True) is None
     assert store.get(job_id).state == "succeeded"
+
+
+def test_the_fan_in_claim_fails_branches_left_without_an_outcome(store: Store) -> None:
+    """A branch task that died on an infrastructure error never recorded an outcome; the chord body still
+    runs once every task ended, and its claim leaves no branch of the job pending or running."""
+    job_id = _job(store, 3)
+    assert store.start_branch(job_id, 0) == 1
+    store.finish_branch(job_id, 0, BranchState.SUCCEEDED, 1, None)
+    assert store.start_branch(job_id, 1) == 1  # its worker lost the database mid-branch
+    claim = store.claim_fan_in(job_id)
+    assert claim is not None
+    view = store.get(job_id)
+    assert [b.state for b in view.branches] == ["succeeded", "failed", "failed"]
+    assert view.branches[1].error == "the branch's task ended without recording an outcome"
+    assert view.branch_done == view.branch_total == 3
