@@ -42,6 +42,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class LocalServer(http.server.ThreadingHTTPServer):
     failing = False  # what /flaky answers: 503 while True
+    request_queue_size = 128  # socketserver's 5 makes concurrent branches wait on SYN retries
 
     def __init__(self, address: tuple[str, int], handler: type[http.server.BaseHTTPRequestHandler]) -> None:
         super().__init__(address, handler)
