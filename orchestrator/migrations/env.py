@@ -7,13 +7,15 @@ from sqlalchemy import text
 
 from orchestrator.database import get_engine
 from orchestrator.models import Base
+from orchestrator.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata
 
 
 def run_migrations_online() -> None:
-    engine = config.attributes.get("engine") or get_engine(config.get_main_option("sqlalchemy.url") or "")
+    url = config.get_main_option("sqlalchemy.url") or Settings.from_env().database_url
+    engine = config.attributes.get("engine") or get_engine(url)
     with engine.connect() as connection:
         if connection.dialect.name == "postgresql":
             # Two workers starting at once must not both create the tables.

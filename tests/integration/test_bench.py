@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = {"P1", "P2", "P3", "P4", "P7"}
+SCENARIOS = {"P1", "P2", "P3", "P4", "P5", "P6", "P7"}
 SYSTEMS = {"orchestrator", "celery-redis", "celery-redis-gevent", "celery-db", "asyncio"}
 
 
