@@ -84,3 +84,29 @@ def test_prune_keeps_recent_jobs(run) -> None:  # type: ignore[no-untyped-def]
     run("submit", "-b", "jobs.io.sleep seconds=0.1")
     out = run("db", "prune", "--older-than", "1d").stdout
     assert out.startswith("pruned 0 jobs")
+
+
+def test_cancel_and_watch(run) -> None:  # type: ignore[no-untyped-def]
+    job_id = run("submit", "-b", "jobs.io.sleep seconds=5").stdout.strip()  # no worker will run it
+    stuck = run("watch", job_id, "--timeout", "0.5", code=1)
+    assert f"error: job {job_id} is still running after 0.5s" in stuck.stderr
+    assert run("cancel", job_id).stdout.strip() == f"job {job_id} cancelled (cancelled=1)"
+    again = run("cancel", job_id, code=1)
+    assert f"error: job {job_id} is already cancelled; nothing was cancelled" in again.stderr
+    watched = run("watch", job_id, code=1)  # final at once; exit 1 because it did not succeed
+    assert "cancelled" in watched.stdout
+
+
+def test_breakers_table_and_reset(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from orchestrator import CircuitBreaker, Settings
+
+    url = Settings.from_env(base_env(tmp_path)).database_url
+    run("db", "upgrade")
+    payments = CircuitBreaker("payments", failure_threshold=1, reset_timeout=60, database_url=url)
+    payments.failure(payments.acquire())
+    table = run("breakers").stdout
+    assert "payments" in table and "open" in table
+    assert run("breakers", "--reset", "payments").stdout.strip() == "breaker payments is closed"
+    assert "closed" in run("breakers").stdout
+    missing = run("breakers", "--reset", "nope", code=1)
+    assert "error: no circuit breaker 'nope'" in missing.stderr
