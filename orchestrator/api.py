@@ -16,6 +16,7 @@ from celery import chord, group
 
 from . import breaker, database, registry
 from .errors import ArgumentsNotSerializable, InvalidJobSpec, JobAlreadyFinal, PublishError, WaitTimeout
+from .models import FINAL_JOB_STATES
 from .registry import TaskKind
 from .settings import Settings
 from .store import NewBranch, Store, parse_job_id, utcnow
@@ -242,7 +243,7 @@ class Orchestrator:
         started = time.monotonic()
         while True:
             state = self.store.state(job_id)
-            if state in ("succeeded", "partial", "failed", "cancelled"):
+            if state in FINAL_JOB_STATES:
                 return self.store.get(job_id)
             waited = time.monotonic() - started
             if waited >= timeout:

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .display import console, print_job, styled, watch_job
 from .errors import OrchestratorError
+from .models import JobState
 from .settings import Settings
 from .views import JobView
 
@@ -251,7 +252,7 @@ def _view_dict(view: JobView) -> dict[str, Any]:
 @main.command("list")
 @click.option(
     "--state",
-    type=click.Choice(["pending", "running", "aggregating", "succeeded", "partial", "failed", "cancelled"]),
+    type=click.Choice([s.value for s in JobState]),
 )
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
 def list_jobs(state: str | None, limit: int) -> None:

@@ -40,10 +40,6 @@ class JobState(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    @property
-    def final(self) -> bool:
-        return self in FINAL_JOB_STATES
-
 
 FINAL_JOB_STATES = frozenset({JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED})
 
@@ -56,13 +52,6 @@ class BranchState(enum.StrEnum):
     TIMED_OUT = "timed_out"
     SHORT_CIRCUITED = "short_circuited"
     CANCELLED = "cancelled"
-
-    @property
-    def final(self) -> bool:
-        return self not in (BranchState.PENDING, BranchState.RUNNING)
-
-
-FINAL_BRANCH_STATES = frozenset(s for s in BranchState if s.final)
 
 
 class BreakerState(enum.StrEnum):

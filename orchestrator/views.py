@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from .models import FINAL_JOB_STATES
+
 
 @dataclass(frozen=True)
 class BranchOutcome:
@@ -71,7 +73,7 @@ class JobView:
 
     @property
     def final(self) -> bool:
-        return self.state in ("succeeded", "partial", "failed", "cancelled")
+        return self.state in FINAL_JOB_STATES
 
     @property
     def duration(self) -> float | None:
