@@ -11,6 +11,7 @@ restore and native join work unchanged.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,7 +21,19 @@ from celery import bootsteps, maybe_signature
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import ChordError, ImproperlyConfigured
 from celery.result import GroupResult, allow_join_result
-from sqlalchemy import Engine, delete, or_, select, update
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    String,
+    and_,
+    bindparam,
+    case,
+    delete,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .database import get_engine
@@ -47,6 +60,51 @@ class _Part:
     claimed: bool = False  # this delivery reached the total and owns the publish
 
 
+_GID = bindparam("gid", type_=String)
+_TID = bindparam("tid", type_=String)
+_NOW = bindparam("now", type_=DateTime(timezone=True))
+_COUNTER = select(ChordCounter.done, ChordCounter.total, ChordCounter.fired).where(
+    ChordCounter.group_id == _GID
+)
+# The increment that reaches the total claims the publish in the same UPDATE (old values on the right).
+_REACHES_TOTAL = and_(ChordCounter.done + 1 == ChordCounter.total, ChordCounter.claimed_by.is_(None))
+_BUMP = (
+    update(ChordCounter)
+    .where(ChordCounter.group_id == _GID)
+    .values(
+        done=ChordCounter.done + 1,
+        claimed_by=case((_REACHES_TOTAL, _TID), else_=ChordCounter.claimed_by),
+        claimed_at=case((_REACHES_TOTAL, _NOW), else_=ChordCounter.claimed_at),
+    )
+    .returning(ChordCounter.done, ChordCounter.total, ChordCounter.claimed_by)
+)
+#: Parts counted inside a task's own outcome transaction, awaiting that task's on_chord_part_return.
+#: Per thread (per greenlet under gevent): a pool thread runs a task and then its chord step.
+_counted = threading.local()
+
+
+@dataclass
+class PartCounter:
+    """Counts one header task's chord part inside the transaction that records the task's own outcome.
+
+    One commit instead of two, and an outcome and its count can never disagree. Call it with the open
+    connection inside the transaction, then `committed()` once the transaction has committed; the task's
+    on_chord_part_return then only publishes (or not) and does not count again.
+    """
+
+    backend: SQLBackend
+    group_id: str
+    task_id: str
+    part: _Part | None = None
+
+    def __call__(self, conn: Connection) -> None:
+        self.part = self.backend.count_part(conn, self.group_id, self.task_id)
+
+    def committed(self) -> None:
+        if self.part is not None:
+            _counted.parts = {(self.group_id, self.task_id): self.part}
+
+
 class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
     """`ORCH_RESULT_BACKEND=sql` (the default): results and chord joins in the orchestrator's database."""
 
@@ -66,6 +124,12 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         #: Seconds after which a publish claim whose worker never marked the body sent may be taken over.
         self.publish_lease = float(self.app.conf.get("chord_publish_lease") or 30.0)
         self._insert = (postgresql if url.startswith("postgres") else sqlite).insert
+        self._insert_part = (
+            self._insert(ChordPart)
+            .values(group_id=_GID, task_id=_TID)
+            .on_conflict_do_nothing(index_elements=[ChordPart.group_id, ChordPart.task_id])
+            .returning(ChordPart.task_id)
+        )
 
     @property
     def engine(self) -> Engine:
@@ -147,40 +211,48 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         with self.engine.begin() as conn:
             conn.execute(stmt)
 
+    def part_counter(self, request: Any) -> PartCounter | None:
+        """A PartCounter for a header task that records its outcome in this database, else None."""
+        if not request.group or not request.id or not request.chord:
+            return None
+        return PartCounter(self, request.group, request.id)
+
     def _count(self, group_id: str, task_id: str) -> _Part:
-        """Count one part once, and claim the publish if it is the last, in one transaction."""
         with self.engine.begin() as conn:
-            # RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT DO NOTHING.
-            new = conn.execute(
-                self._insert(ChordPart)
-                .values(group_id=group_id, task_id=task_id)
-                .on_conflict_do_nothing(index_elements=[ChordPart.group_id, ChordPart.task_id])
-                .returning(ChordPart.task_id)
-            ).first()
-            if new is None:
-                row = conn.execute(
-                    select(ChordCounter.done, ChordCounter.total, ChordCounter.fired).where(
-                        ChordCounter.group_id == group_id
-                    )
-                ).one()
-                return _Part(row.done, row.total, counted=False, fired=row.fired)
-            stmt = self._insert(ChordCounter).values(
-                group_id=group_id, done=1, fired=False, created_at=utcnow()
+            return self.count_part(conn, group_id, task_id)
+
+    def count_part(self, conn: Connection, group_id: str, task_id: str) -> _Part:
+        """Count one part once, and claim the publish if it is the last, in the caller's transaction."""
+        # RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT DO NOTHING.
+        if conn.execute(self._insert_part, {"gid": group_id, "tid": task_id}).first() is None:
+            row = conn.execute(_COUNTER, {"gid": group_id}).one()
+            return _Part(row.done, row.total, counted=False, fired=row.fired)
+        params = {"gid": group_id, "tid": task_id, "now": utcnow()}
+        bumped = conn.execute(_BUMP, params).first()
+        if bumped is not None:
+            return _Part(bumped.done, bumped.total, counted=True, fired=False,
+                         claimed=bumped.claimed_by == task_id)  # fmt: skip
+        # No counter row: a chord whose size arrives later (set_chord_size) or was never applied by us.
+        stmt = self._insert(ChordCounter).values(group_id=group_id, done=1, fired=False, created_at=utcnow())
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[ChordCounter.group_id], set_={"done": ChordCounter.done + 1}
+        ).returning(ChordCounter.done, ChordCounter.total)
+        upserted = conn.execute(stmt).one()
+        claimed = False
+        if upserted.total is not None and upserted.done == upserted.total:
+            claimed = bool(
+                conn.execute(
+                    update(ChordCounter)
+                    .where(ChordCounter.group_id == group_id, ChordCounter.claimed_by.is_(None))
+                    .values(claimed_by=task_id, claimed_at=utcnow())
+                ).rowcount
             )
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[ChordCounter.group_id], set_={"done": ChordCounter.done + 1}
-            ).returning(ChordCounter.done, ChordCounter.total)
-            row = conn.execute(stmt).one()
-            claimed = False
-            if row.total is not None and row.done == row.total:
-                claimed = bool(
-                    conn.execute(
-                        update(ChordCounter)
-                        .where(ChordCounter.group_id == group_id, ChordCounter.claimed_by.is_(None))
-                        .values(claimed_by=task_id, claimed_at=utcnow())
-                    ).rowcount
-                )
-            return _Part(row.done, row.total, counted=True, fired=False, claimed=claimed)
+        return _Part(upserted.done, upserted.total, counted=True, fired=False, claimed=claimed)
+
+    @staticmethod
+    def _take_counted(group_id: str, task_id: str) -> _Part | None:
+        parts: dict[tuple[str, str], _Part] | None = getattr(_counted, "parts", None)
+        return parts.pop((group_id, task_id), None) if parts else None
 
     def _take_over(self, group_id: str, task_id: str, redelivered: bool) -> bool:
         """Claim the publish of a chord whose claimer died: our own earlier delivery, or an expired lease."""
@@ -201,7 +273,7 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         gid, tid = request.group, request.id
         if not gid or not tid or not request.chord:
             return
-        part = self._count(gid, tid)
+        part = self._take_counted(gid, tid) or self._count(gid, tid)
         total = part.total if part.total is not None else request.chord.get("chord_size")
         if total is None or part.done < total or part.fired:
             return

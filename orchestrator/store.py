@@ -7,17 +7,121 @@ make the same move agree on one winner: a branch outcome is written once, a job 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Engine, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    Text,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from .database import get_engine
 from .errors import JobNotFound
 from .models import FINAL_JOB_STATES, Branch, BranchState, Job, JobState
 from .views import BranchOutcome, BranchView, JobView
+
+T = TypeVar("T")
+#: Work a caller adds to a store transaction (the result backend counts a chord part in it).
+AlsoInTransaction = Callable[[Connection], T]
+
+_ACTIVE = (BranchState.PENDING, BranchState.RUNNING)
+_STOPPED = (BranchState.TIMED_OUT, BranchState.CANCELLED)
+_NOW = bindparam("now", type_=DateTime(timezone=True))
+_JOB = bindparam("job", type_=Job.__table__.c.id.type)
+_IDX = bindparam("idx", type_=Integer)
+_RESULT = bindparam("b_result", type_=JSON)
+_ERROR = bindparam("b_error", type_=Text)
+
+# The hot path's statements are built once: constructing a statement costs about as much CPU as
+# executing it, and branch tasks run these thousands of times a second across a worker.
+_START = (
+    update(Branch)
+    .where(Branch.job_id == _JOB, Branch.index == _IDX, Branch.state.in_(_ACTIVE))
+    .values(state=BranchState.RUNNING, attempts=Branch.attempts + 1, started_at=_NOW)
+    .returning(Branch.attempts)
+)
+_START_MANY = (
+    update(Branch)
+    .where(
+        Branch.job_id == _JOB,
+        Branch.index.in_(bindparam("idxs", expanding=True)),
+        Branch.state.in_(_ACTIVE),
+    )
+    .values(state=BranchState.RUNNING, attempts=Branch.attempts + 1, started_at=_NOW)
+    .returning(Branch.index, Branch.attempts)
+)
+_FINISH = (
+    update(Branch)
+    .where(Branch.job_id == _JOB, Branch.index == _IDX, Branch.state == BranchState.RUNNING)
+    .values(state=bindparam("b_state"), result=_RESULT, error=_ERROR, finished_at=_NOW)
+)
+_FINISH_MANY = (
+    update(Branch)
+    .where(Branch.job_id == _JOB, Branch.index == _IDX, Branch.state == BranchState.RUNNING)
+    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"), result=_RESULT, error=_ERROR,
+            finished_at=_NOW)
+)  # fmt: skip
+_LATE = (
+    update(Branch)
+    # or_ rather than in_: an expanding IN cannot be used in an executemany.
+    .where(
+        Branch.job_id == _JOB,
+        Branch.index == _IDX,
+        or_(Branch.state == _STOPPED[0], Branch.state == _STOPPED[1]),
+        Branch.late.is_(False),
+    )
+    .values(late=True, result=_RESULT, error=func.coalesce(_ERROR, Branch.error))
+)
+_BUMP_DONE = update(Job).where(Job.id == _JOB).values(branch_done=Job.branch_done + 1)
+_ADD_DONE = (
+    update(Job).where(Job.id == _JOB).values(branch_done=Job.branch_done + bindparam("n", type_=Integer))
+)
+_RECOUNT_DONE = (
+    update(Job)
+    .where(Job.id == _JOB)
+    .values(
+        branch_done=select(func.count())
+        .where(Branch.job_id == _JOB, Branch.state.not_in(_ACTIVE))
+        .scalar_subquery()
+    )
+)
+_BRANCHES = select(Branch.__table__).where(Branch.job_id == _JOB).order_by(Branch.index)
+_JOB_ROW = select(Job.__table__).where(Job.id == _JOB)
+_JOB_STATE = select(Job.state).where(Job.id == _JOB)
+
+
+def _claim(states: Sequence[JobState]) -> Any:
+    return (
+        update(Job)
+        .where(Job.id == _JOB, Job.state.in_(states))
+        .values(state=JobState.AGGREGATING, branch_done=Job.branch_total)
+        .returning(Job.fan_in, Job.min_success, Job.fan_in_timeout)
+    )
+
+
+_CLAIM = _claim((JobState.PENDING, JobState.RUNNING))
+_CLAIM_AGAIN = _claim((JobState.PENDING, JobState.RUNNING, JobState.AGGREGATING))
+_FINALIZE = (
+    update(Job)
+    .where(Job.id == _JOB, Job.state == JobState.AGGREGATING)
+    .values(state=bindparam("j_state"), result=bindparam("j_result", type_=JSON),
+            error=bindparam("j_error", type_=Text), finished_at=_NOW)
+)  # fmt: skip
+_NOTIFY = select(func.pg_notify(bindparam("channel", type_=Text), bindparam("payload", type_=Text)))
 
 
 def utcnow() -> datetime:
@@ -42,9 +146,12 @@ class NewBranch:
 
 @dataclass(frozen=True)
 class FanInClaim:
+    """The job a fan-in (or the deadline) won, with the outcomes read in the same transaction."""
+
     fan_in: str
     min_success: int | None
     fan_in_timeout: float | None
+    outcomes: tuple[BranchOutcome, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,8 +193,9 @@ class Store:
         deadline_at: datetime | None = None,
         min_success: int | None = None,
         fan_in_timeout: float | None = None,
-    ) -> tuple[uuid.UUID, bool]:
-        """Insert the job and all its branches in one transaction; returns (id, created)."""
+    ) -> tuple[uuid.UUID, datetime | None]:
+        """Insert the job and all its branches in one transaction; returns (id, created_at), and
+        created_at None when the idempotency key named an existing job (whose id is returned)."""
         job_id = uuid.uuid4()
         now = utcnow()
         with self.engine.begin() as conn:
@@ -96,7 +204,7 @@ class Store:
                     select(Job.id).where(Job.idempotency_key == idempotency_key)
                 ).scalar_one_or_none()
                 if existing is not None:
-                    return existing, False
+                    return existing, None
             conn.execute(
                 insert(Job).values(
                     id=job_id,
@@ -129,15 +237,17 @@ class Store:
                     for i, b in enumerate(branches)
                 ],
             )
-        return job_id, True
+        return job_id, now
 
-    def mark_published(self, job_id: uuid.UUID) -> None:
+    def mark_published(self, job_id: uuid.UUID) -> datetime:
+        now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.PENDING)
-                .values(state=JobState.RUNNING, started_at=utcnow())
+                .values(state=JobState.RUNNING, started_at=now)
             )
+        return now
 
     def mark_failed_to_publish(self, job_id: uuid.UUID, error: str) -> None:
         now = utcnow()
@@ -148,131 +258,93 @@ class Store:
                 .values(state=JobState.FAILED, error=error, finished_at=now)
             )
             self._stop_unfinished(conn, job_id, BranchState.CANCELLED, error, now)
+            self._notify_final(conn, job_id, JobState.FAILED)
 
     # --- branches ----------------------------------------------------------------------------------
 
     def start_branch(self, job_id: uuid.UUID, index: int) -> int | None:
         """Claim a branch for this attempt; None when its outcome is already recorded (a redelivery)."""
         with self.engine.begin() as conn:
-            return conn.execute(
-                update(Branch)
-                .where(
-                    Branch.job_id == job_id,
-                    Branch.index == index,
-                    Branch.state.in_((BranchState.PENDING, BranchState.RUNNING)),
-                )
-                .values(state=BranchState.RUNNING, attempts=Branch.attempts + 1, started_at=utcnow())
-                .returning(Branch.attempts)
+            attempt: int | None = conn.execute(
+                _START, {"job": job_id, "idx": index, "now": utcnow()}
             ).scalar_one_or_none()
+        return attempt
 
     def start_branches(self, job_id: uuid.UUID, indexes: Sequence[int]) -> dict[int, int]:
-        """start_branch for a chunk, in one statement: {index: attempt} of those not already final."""
+        """start_branch for a batch, in one statement: {index: attempt} of those not already final."""
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                update(Branch)
-                .where(
-                    Branch.job_id == job_id,
-                    Branch.index.in_(list(indexes)),
-                    Branch.state.in_((BranchState.PENDING, BranchState.RUNNING)),
-                )
-                .values(state=BranchState.RUNNING, attempts=Branch.attempts + 1, started_at=utcnow())
-                .returning(Branch.index, Branch.attempts)
-            ).all()
+            rows = conn.execute(_START_MANY, {"job": job_id, "idxs": list(indexes), "now": utcnow()}).all()
         return {index: attempts for index, attempts in rows}
 
     def finish_branches(
-        self, job_id: uuid.UUID, outcomes: Sequence[tuple[int, int, BranchState, Any, str | None]]
-    ) -> None:
-        """finish_branch for a chunk: (index, attempts, state, result, error) rows, in one transaction;
-        branch_done is recounted from the rows, since any of them may have lost to the deadline."""
+        self,
+        job_id: uuid.UUID,
+        outcomes: Sequence[tuple[int, int, BranchState, Any, str | None]],
+        also: AlsoInTransaction[T] | None = None,
+    ) -> T | None:
+        """finish_branch for a batch: (index, attempts, state, result, error) rows, in one transaction.
+        When some lost to the deadline (kept as late results), branch_done is recounted from the rows.
+        `also` runs in the same transaction (the chord count of the batch's task); its value is returned."""
         now = utcnow()
         rows = [
-            {"b_index": i, "b_attempts": a, "b_state": s.value, "b_result": r, "b_error": e}
+            {"job": job_id, "idx": i, "b_attempts": a, "b_state": s.value, "b_result": r, "b_error": e,
+             "now": now}
             for i, a, s, r, e in outcomes
-        ]
-        key = (Branch.job_id == job_id, Branch.index == bindparam("b_index"))
+        ]  # fmt: skip
         with self.engine.begin() as conn:
-            conn.execute(
-                update(Branch)
-                .where(*key, Branch.state == BranchState.RUNNING)
-                .values(
-                    state=bindparam("b_state"),
-                    attempts=bindparam("b_attempts"),
-                    result=bindparam("b_result", type_=JSON),
-                    error=bindparam("b_error"),
-                    finished_at=now,
-                ),
-                rows,
-            )
-            conn.execute(
-                update(Branch)
-                # or_ rather than in_: an expanding IN cannot be used in an executemany.
-                .where(
-                    *key,
-                    or_(Branch.state == BranchState.TIMED_OUT, Branch.state == BranchState.CANCELLED),
-                    Branch.late.is_(False),
-                )
-                .values(late=True, result=bindparam("b_result", type_=JSON)),
-                [{"b_index": r["b_index"], "b_result": r["b_result"]} for r in rows],
-            )
-            final = select(func.count()).where(
-                Branch.job_id == job_id, Branch.state.not_in((BranchState.PENDING, BranchState.RUNNING))
-            )
-            conn.execute(update(Job).where(Job.id == job_id).values(branch_done=final.scalar_subquery()))
+            won = conn.execute(_FINISH_MANY, rows).rowcount
+            if conn.dialect.supports_sane_multi_rowcount and won == len(rows):
+                conn.execute(_ADD_DONE, {"job": job_id, "n": won})  # the usual case: none arrived late
+            else:
+                conn.execute(_LATE, rows)
+                conn.execute(_RECOUNT_DONE, {"job": job_id})
+            return also(conn) if also is not None else None
 
     def finish_branch(
-        self, job_id: uuid.UUID, index: int, state: BranchState, result: Any, error: str | None
-    ) -> bool:
-        """Record the outcome once; a loser that arrives after a final move is kept as a late result."""
-        now = utcnow()
+        self,
+        job_id: uuid.UUID,
+        index: int,
+        state: BranchState,
+        result: Any,
+        error: str | None,
+        also: AlsoInTransaction[T] | None = None,
+    ) -> tuple[bool, T | None]:
+        """Record the outcome once; a loser that arrives after a final move is kept as a late result.
+        Returns (won, what `also` returned): `also` runs in the same transaction."""
+        params = {"job": job_id, "idx": index, "b_state": state.value, "b_result": result, "b_error": error,
+                  "now": utcnow()}  # fmt: skip
         with self.engine.begin() as conn:
-            won = conn.execute(
-                update(Branch)
-                .where(Branch.job_id == job_id, Branch.index == index, Branch.state == BranchState.RUNNING)
-                .values(state=state, result=result, error=error, finished_at=now)
-            ).rowcount
-            if won:
-                conn.execute(update(Job).where(Job.id == job_id).values(branch_done=Job.branch_done + 1))
-                return True
-            conn.execute(
-                update(Branch)
-                .where(
-                    Branch.job_id == job_id,
-                    Branch.index == index,
-                    Branch.state.in_((BranchState.TIMED_OUT, BranchState.CANCELLED)),
-                    Branch.late.is_(False),
-                )
-                .values(late=True, result=result, error=error if error else Branch.error)
-            )
-            return False
+            won = bool(conn.execute(_FINISH, params).rowcount)
+            conn.execute(_BUMP_DONE if won else _LATE, params)
+            return won, also(conn) if also is not None else None
 
     # --- fan-in ------------------------------------------------------------------------------------
 
     def claim_fan_in(self, job_id: uuid.UUID, *, redelivered: bool = False) -> FanInClaim | None:
-        """running -> aggregating; a redelivered fan-in may resume a job left aggregating by a dead worker."""
-        states = [JobState.RUNNING, JobState.AGGREGATING] if redelivered else [JobState.RUNNING]
+        """running -> aggregating, with the outcomes to aggregate. A job still `pending` is claimable too:
+        its chord ran, so it was published, whether or not the client has marked it yet. A redelivered
+        fan-in may resume a job left aggregating by a dead worker."""
+        claim = _CLAIM_AGAIN if redelivered else _CLAIM
         with self.engine.begin() as conn:
-            row = conn.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state.in_(states))
-                .values(state=JobState.AGGREGATING, branch_done=Job.branch_total)
-                .returning(Job.fan_in, Job.min_success, Job.fan_in_timeout)
-            ).one_or_none()
+            row = conn.execute(claim, {"job": job_id}).one_or_none()
             if row is None:
                 return None
-            # The chord body runs once every branch task has ended; one that ended without recording an
-            # outcome (its task failed on an infrastructure error) is failed here, so no branch of an
-            # aggregated job is left pending or running.
-            error = "the branch's task ended without recording an outcome"
-            self._stop_unfinished(conn, job_id, BranchState.FAILED, error, utcnow())
-        return FanInClaim(row.fan_in, row.min_success, row.fan_in_timeout)
+            outcomes = self._outcomes(conn, job_id)
+            if any(o.state in _ACTIVE for o in outcomes):
+                # The chord body runs once every branch task has ended; one that ended without recording
+                # an outcome (its task failed on an infrastructure error) is failed here, so no branch of
+                # an aggregated job is left pending or running.
+                error = "the branch's task ended without recording an outcome"
+                self._stop_unfinished(conn, job_id, BranchState.FAILED, error, utcnow())
+                outcomes = self._outcomes(conn, job_id)
+            return FanInClaim(row.fan_in, row.min_success, row.fan_in_timeout, outcomes)
 
     def _stop_unfinished(
         self, conn: Any, job_id: uuid.UUID, state: BranchState, error: str, now: datetime
     ) -> list[StoppedBranch]:
         stopped = conn.execute(
             update(Branch)
-            .where(Branch.job_id == job_id, Branch.state.in_((BranchState.PENDING, BranchState.RUNNING)))
+            .where(Branch.job_id == job_id, Branch.state.in_(_ACTIVE))
             .values(state=state, error=error, finished_at=now)
             .returning(Branch.index, Branch.queue, Branch.celery_task_id, Branch.started_at)
         ).all()
@@ -282,12 +354,7 @@ class Store:
         """At the deadline: running -> aggregating, and every unfinished branch -> timed_out, atomically."""
         now = utcnow()
         with self.engine.begin() as conn:
-            row = conn.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.RUNNING)
-                .values(state=JobState.AGGREGATING, branch_done=Job.branch_total)
-                .returning(Job.fan_in, Job.min_success, Job.fan_in_timeout)
-            ).one_or_none()
+            row = conn.execute(_CLAIM, {"job": job_id}).one_or_none()
             if row is None:
                 return None
             stopped = self._stop_unfinished(
@@ -297,7 +364,8 @@ class Store:
                 "the job's deadline passed before the branch finished",
                 now,
             )
-        return FanInClaim(row.fan_in, row.min_success, row.fan_in_timeout), stopped
+            outcomes = self._outcomes(conn, job_id)
+            return FanInClaim(row.fan_in, row.min_success, row.fan_in_timeout, outcomes), stopped
 
     def cancel(self, job_id: uuid.UUID) -> list[StoppedBranch] | None:
         """pending | running -> cancelled, with every unfinished branch; None if the job was already final."""
@@ -312,47 +380,82 @@ class Store:
             ).rowcount
             if not won:
                 return None
+            self._notify_final(conn, job_id, JobState.CANCELLED)
             return self._stop_unfinished(conn, job_id, BranchState.CANCELLED, "the job was cancelled", now)
 
     def outcomes(self, job_id: uuid.UUID) -> list[BranchOutcome]:
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(Branch.__table__).where(Branch.job_id == job_id).order_by(Branch.index)
-            ).all()
-        views = [_branch_view(r) for r in rows]
-        return [BranchOutcome(v.index, v.task, v.state, v.result, v.error, v.duration) for v in views]
+            return list(self._outcomes(conn, job_id))
+
+    @staticmethod
+    def _outcomes(conn: Connection, job_id: uuid.UUID) -> tuple[BranchOutcome, ...]:
+        views = [_branch_view(r) for r in conn.execute(_BRANCHES, {"job": job_id}).all()]
+        return tuple(BranchOutcome(v.index, v.task, v.state, v.result, v.error, v.duration) for v in views)
 
     def finalize(self, job_id: uuid.UUID, state: JobState, result: Any, error: str | None) -> bool:
+        params = {
+            "job": job_id,
+            "j_state": state.value,
+            "j_result": result,
+            "j_error": error,
+            "now": utcnow(),
+        }
         with self.engine.begin() as conn:
-            return bool(
-                conn.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.state == JobState.AGGREGATING)
-                    .values(state=state, result=result, error=error, finished_at=utcnow())
-                ).rowcount
-            )
+            won = bool(conn.execute(_FINALIZE, params).rowcount)
+            if won:
+                self._notify_final(conn, job_id, state)
+            return won
+
+    # --- waiting for a final state -------------------------------------------------------------------
+
+    @property
+    def notifies(self) -> bool:
+        """True when final moves are announced (PostgreSQL NOTIFY), so waiting needs no polling."""
+        return self.engine.dialect.name == "postgresql"
+
+    def _notify_final(self, conn: Connection, job_id: uuid.UUID, state: JobState) -> None:
+        # Delivered at commit, to whoever LISTENs on the job's channel (see final_notifications).
+        if conn.dialect.name == "postgresql":
+            conn.execute(_NOTIFY, {"channel": _channel(job_id), "payload": state.value})
+
+    @contextmanager
+    def final_notifications(self, job_id: uuid.UUID) -> Iterator[Callable[[float], bool]]:
+        """LISTEN for the job's final move on a pooled connection; yields wait(seconds) -> notified?
+
+        LISTEN first, then read the state: a move committed in between is queued on this connection."""
+        raw = self.engine.raw_connection()
+        pg: Any = raw.driver_connection
+        channel = _channel(job_id)
+        try:
+            pg.autocommit = True
+            pg.execute(f'LISTEN "{channel}"')
+
+            def wait(seconds: float) -> bool:
+                return any(True for _ in pg.notifies(timeout=max(seconds, 0.0), stop_after=1))
+
+            yield wait
+        finally:
+            try:
+                pg.execute(f'UNLISTEN "{channel}"')
+                pg.autocommit = False
+            finally:
+                raw.close()
 
     # --- reads -------------------------------------------------------------------------------------
 
     def get(self, job_id: str | uuid.UUID, *, with_branches: bool = True) -> JobView:
         jid = parse_job_id(job_id)
         with self.engine.connect() as conn:
-            job = conn.execute(select(Job.__table__).where(Job.id == jid)).one_or_none()
+            job = conn.execute(_JOB_ROW, {"job": jid}).one_or_none()
             if job is None:
                 raise JobNotFound(f"no job {job_id}")
-            branches: list[Any] = []
-            if with_branches:
-                branches = list(
-                    conn.execute(
-                        select(Branch.__table__).where(Branch.job_id == jid).order_by(Branch.index)
-                    ).all()
-                )
+            branches = list(conn.execute(_BRANCHES, {"job": jid}).all()) if with_branches else []
         return _job_view(job, branches)
 
     def state(self, job_id: str | uuid.UUID) -> str:
         jid = parse_job_id(job_id)
         with self.engine.connect() as conn:
-            state = conn.execute(select(Job.state).where(Job.id == jid)).scalar_one_or_none()
+            state: str | None = conn.execute(_JOB_STATE, {"job": jid}).scalar_one_or_none()
         if state is None:
             raise JobNotFound(f"no job {job_id}")
         return state
@@ -373,6 +476,10 @@ class Store:
                     delete(Job).where(Job.finished_at < cutoff, Job.state.in_(FINAL_JOB_STATES))
                 ).rowcount
             )
+
+
+def _channel(job_id: uuid.UUID) -> str:
+    return f"orchestrator_job_{job_id.hex}"
 
 
 def _branch_view(row: Any) -> BranchView:
