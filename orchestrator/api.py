@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,11 +17,11 @@ from celery import chord, group
 
 from . import breaker, database, registry
 from .errors import ArgumentsNotSerializable, InvalidJobSpec, JobAlreadyFinal, PublishError, WaitTimeout
-from .models import FINAL_JOB_STATES
+from .models import FINAL_JOB_STATES, BranchState, JobState
 from .registry import TaskKind
 from .settings import Settings
 from .store import NewBranch, Store, parse_job_id, utcnow
-from .views import BreakerView, JobView
+from .views import BranchView, BreakerView, JobView
 
 _NAME_MAX = 200
 
@@ -117,7 +118,7 @@ class Orchestrator:
         timed_out. min_success: fewer succeeded branches fail the job without calling the aggregator.
         fan_in_timeout: the aggregator's soft time limit (default ORCH_FAN_IN_TIMEOUT).
         """
-        new = self._chunk(self._validate(branches, fan_in, name))
+        new = self._pack(self._validate(branches, fan_in, name))
         if deadline is not None:
             deadline = _positive("deadline", deadline)
         if min_success is not None and (
@@ -134,29 +135,47 @@ class Orchestrator:
         ):
             raise InvalidJobSpec(f"idempotency_key must be a string of at most {_NAME_MAX} characters")
         deadline_at = None if deadline is None else utcnow() + timedelta(seconds=deadline)
-        job_id, created = self.store.create_job(
+        job_id, created_at = self.store.create_job(
             name=name, fan_in=str(fan_in), branches=new, idempotency_key=idempotency_key,
             deadline_at=deadline_at, min_success=min_success, fan_in_timeout=timeout,
         )  # fmt: skip
-        if created:
-            self._publish(str(job_id), new, timeout, deadline_at)
-        return self.store.get(job_id)
+        if created_at is None:  # the idempotency key named an existing job
+            return self.store.get(job_id)
+        started_at = self._publish(str(job_id), new, timeout, deadline_at)
+        # The view as submitted, without reading back what was just written.
+        return JobView(
+            id=str(job_id), name=name, state=JobState.RUNNING, fan_in=str(fan_in), branch_total=len(new),
+            branch_done=0, created_at=created_at, started_at=started_at, finished_at=None,
+            deadline_at=deadline_at, result=None, error=None,
+            branches=tuple(
+                BranchView(index=i, task=b.task, queue=b.queue, args={"args": b.args, "kwargs": b.kwargs},
+                           state=BranchState.PENDING, attempts=0, celery_task_id=b.celery_task_id,
+                           started_at=None, finished_at=None, result=None, error=None, late=False)
+                for i, b in enumerate(new)
+            ),
+        )  # fmt: skip
 
-    def _chunk(self, new: list[NewBranch]) -> list[NewBranch]:
-        """A wide job's io branches share one Celery task id per chunk: the chunk is one message."""
-        io = [i for i, b in enumerate(new) if b.queue == self.settings.io_queue]
-        if len(io) < self.settings.io_chunk_min:
-            return new
+    def _pack(self, new: list[NewBranch]) -> list[NewBranch]:
+        """io branches of the same catalog task share one message (up to ORCH_IO_CHUNK_SIZE of them), so
+        they share its Celery task id: a job's fan-out costs a message per batch, not per branch."""
         size = self.settings.io_chunk_size
-        for start in range(0, len(io), size):
-            chunk_id = str(uuid.uuid4())
-            for i in io[start : start + size]:
-                new[i] = dataclasses.replace(new[i], celery_task_id=chunk_id)
+        if size == 1:
+            return new
+        by_task: dict[str, list[int]] = {}
+        for i, b in enumerate(new):
+            if b.queue == self.settings.io_queue:
+                by_task.setdefault(b.task, []).append(i)
+        for indexes in by_task.values():
+            for start in range(0, len(indexes), size):
+                batch_id = str(uuid.uuid4())
+                for i in indexes[start : start + size]:
+                    new[i] = dataclasses.replace(new[i], celery_task_id=batch_id)
         return new
 
     def _publish(
         self, job_id: str, branches: Sequence[NewBranch], fan_in_timeout: float, deadline_at: datetime | None
-    ) -> None:
+    ) -> datetime:
+        """Send the deadline watchdog (if any) and the chord; returns when the job was marked running."""
         at = None if deadline_at is None else deadline_at.timestamp()
         cpu_limit = None if at is None else max(at - time.time(), 0.001)
         members: dict[str | None, list[int]] = {}
@@ -164,27 +183,22 @@ class Orchestrator:
             members.setdefault(b.celery_task_id, []).append(i)
         signatures = []
         for task_id, indexes in members.items():
-            if len(indexes) > 1:  # an io chunk (see _chunk)
-                chunk = [[i, branches[i].task, branches[i].args, branches[i].kwargs] for i in indexes]
+            first = branches[indexes[0]]
+            if first.queue == self.settings.io_queue:  # a batch (see _pack), named after its catalog task
+                batch = [[i, branches[i].args, branches[i].kwargs] for i in indexes]
+                args = (job_id, batch, at)
                 signatures.append(
-                    self.app.signature(
-                        "orchestrator.io_chunk",
-                        args=(job_id, chunk, at),
-                        queue=self.settings.io_queue,
-                        task_id=task_id,
-                    )
+                    self.app.signature(first.task, args=args, queue=first.queue, task_id=task_id)
                 )
                 continue
-            i = indexes[0]
-            b = branches[i]
             signatures.append(
                 self.app.signature(
-                    b.task,
-                    args=(job_id, i, b.args, b.kwargs, at),
-                    queue=b.queue,
-                    task_id=b.celery_task_id,
+                    first.task,
+                    args=(job_id, indexes[0], first.args, first.kwargs, at),
+                    queue=first.queue,
+                    task_id=task_id,
                     # prefork honours soft limits; the branch also arms one at exactly the time left.
-                    soft_time_limit=cpu_limit if b.queue == self.settings.cpu_queue else None,
+                    soft_time_limit=cpu_limit,
                 )
             )
         header = group(signatures)
@@ -204,7 +218,7 @@ class Orchestrator:
         except Exception as exc:
             self.store.mark_failed_to_publish(uid, f"could not publish the job: {exc}")
             raise PublishError(f"job {job_id} was recorded but could not be published: {exc}") from exc
-        self.store.mark_published(uid)
+        return self.store.mark_published(uid)
 
     def cancel(self, job_id: str) -> JobView:
         """Cancel a pending or running job: unfinished branches become cancelled and are revoked (running
@@ -238,14 +252,28 @@ class Orchestrator:
         return self.store.list(state=state, limit=limit)
 
     def wait(self, job_id: str, timeout: float = 60.0, poll: float = 0.01) -> JobView:
-        """Block until the job is final. The SQL row is the truth, so this polls it by primary key: every
-        `poll` seconds for the first 10 s (a sub-millisecond query), then every 0.2 s."""
+        """Block until the job is final. The SQL row is the truth. On PostgreSQL every final move is
+        NOTIFYed, so this sleeps until it is announced (re-reading the row every second all the same);
+        elsewhere it polls the row by primary key every `poll` seconds for 10 s, then every 0.2 s."""
+        uid = parse_job_id(job_id)
         started = time.monotonic()
-        while True:
-            state = self.store.state(job_id)
-            if state in FINAL_JOB_STATES:
-                return self.store.get(job_id)
-            waited = time.monotonic() - started
-            if waited >= timeout:
-                raise WaitTimeout(str(job_id), timeout, state)
-            time.sleep(min(poll if waited < 10 else 0.2, timeout - waited))
+        with contextlib.ExitStack() as stack:
+            notified = None
+            if self.store.notifies:
+                notified = stack.enter_context(self.store.final_notifications(uid))
+            announced = False
+            while True:
+                if announced:  # a final move was announced: read the job at once
+                    view = self.store.get(uid)
+                    if view.state in FINAL_JOB_STATES:
+                        return view
+                state = self.store.state(uid)
+                if state in FINAL_JOB_STATES:
+                    return self.store.get(uid)
+                waited = time.monotonic() - started
+                if waited >= timeout:
+                    raise WaitTimeout(str(job_id), timeout, state)
+                if notified is not None:
+                    announced = notified(min(1.0, timeout - waited))
+                else:
+                    time.sleep(min(poll if waited < 10 else 0.2, timeout - waited))

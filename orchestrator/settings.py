@@ -54,8 +54,7 @@ class Settings:
     io_concurrency: int = 64
     cpu_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
     fanin_concurrency: int = 2
-    io_chunk_min: int = 64  # a job with at least this many io branches sends them in chunks
-    io_chunk_size: int = 50  # io branches per chunk message
+    io_chunk_size: int = 50  # at most this many io branches of one job and task share a message (1: none)
     fan_in_timeout: float = 60.0
     visibility_timeout: int = 3600
     retention: float = 7 * 86400.0  # seconds that final jobs and task results are kept
@@ -116,7 +115,6 @@ class Settings:
             io_concurrency=_int(env, "ORCH_IO_CONCURRENCY", 64),
             cpu_concurrency=_int(env, "ORCH_CPU_CONCURRENCY", os.cpu_count() or 1),
             fanin_concurrency=_int(env, "ORCH_FANIN_CONCURRENCY", 2),
-            io_chunk_min=_int(env, "ORCH_IO_CHUNK_MIN", 64),
             io_chunk_size=_int(env, "ORCH_IO_CHUNK_SIZE", 50),
             fan_in_timeout=_float(env, "ORCH_FAN_IN_TIMEOUT", 60.0),
             visibility_timeout=_int(env, "ORCH_VISIBILITY_TIMEOUT", 3600),

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from .backend import PartCounter, SQLBackend
 from .breaker import get_breaker
 from .celery_app import app, settings
 from .deadline import Deadline
@@ -44,7 +46,9 @@ RETRY_ON_DATABASE_ERRORS: dict[str, Any] = {
     "retry_backoff_max": 30,
     "max_retries": 8,
 }
-CHUNK_FLUSH_SECONDS = 0.02  # how long an io chunk may hold finished outcomes to write them together
+#: How long an io batch may hold a finished outcome to write it with its siblings': the branches of a
+#: batch tend to finish together, and one statement for all of them beats one for each.
+CHUNK_FLUSH_SECONDS = 0.02
 
 
 def store() -> Store:
@@ -142,6 +146,12 @@ def execute(
     return Outcome(BranchState.SUCCEEDED, result=result)
 
 
+def _part_counter(task: Task) -> PartCounter | None:
+    """When the result backend is ours, the branch's chord count commits with its outcome."""
+    backend = task.backend
+    return backend.part_counter(task.request) if isinstance(backend, SQLBackend) else None
+
+
 def run_branch(
     task: Task,
     spec: TaskSpec,
@@ -151,6 +161,7 @@ def run_branch(
     kwargs: dict[str, Any],
     deadline_at: float | None,
 ) -> dict[str, Any]:
+    """One cpu branch, one message: its retries go back through the broker (the prefork child is freed)."""
     jid = uuid.UUID(job_id)
     attempt = store().start_branch(jid, index)
     if attempt is None:
@@ -160,69 +171,122 @@ def run_branch(
         logger.info("branch %s[%d] attempt %d failed, retry in %.3fs: %s", job_id, index, attempt,
                     outcome.retry_in, outcome.error)  # fmt: skip
         raise task.retry(countdown=outcome.retry_in, max_retries=spec.retries)
-    if outcome.state is not BranchState.SUCCEEDED:
-        logger.info("branch %s[%d] %s %s: %s", job_id, index, spec.name, outcome.state, outcome.error)
-    store().finish_branch(jid, index, outcome.state, outcome.result, outcome.error)
+    _log_outcome(job_id, index, spec, outcome)
+    counter = _part_counter(task)
+    store().finish_branch(jid, index, outcome.state, outcome.result, outcome.error, also=counter)
+    if counter is not None:
+        counter.committed()
     return {"index": index, "state": outcome.state.value}
 
 
-@app.task(
-    name="orchestrator.io_chunk", bind=True, typing=False, ignore_result=True, **RETRY_ON_DATABASE_ERRORS
-)
-def io_chunk(
-    self: Task, job_id: str, branches: list[list[Any]], deadline_at: float | None = None
+def _log_outcome(job_id: str, index: int, spec: TaskSpec, outcome: Outcome) -> None:
+    if outcome.state is not BranchState.SUCCEEDED:
+        logger.info("branch %s[%d] %s %s: %s", job_id, index, spec.name, outcome.state, outcome.error)
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def branch_executor() -> ThreadPoolExecutor:
+    """The io worker's threads for the branches of a batch, shared by every batch so threads are reused.
+
+    Bounded like the pool it serves: every pool slot may hold a full batch."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            size = settings.io_concurrency * settings.io_chunk_size
+            _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="branch")
+        return _executor
+
+
+def _forget_executor_after_fork() -> None:
+    global _executor
+    _executor = None
+
+
+os.register_at_fork(after_in_child=_forget_executor_after_fork)
+
+
+def run_io_batch(
+    task: Task, spec: TaskSpec, job_id: str, branches: list[list[Any]], deadline_at: float | None
 ) -> dict[str, Any]:
-    """Many io branches of one wide job in one message, run concurrently in this worker, their outcomes
-    recorded with one statement per chunk: a wide fan-out is bound by messages and transactions, not by
-    waiting (1000 branches as 1000 messages cost seconds of broker and SQL work before any sleeping)."""
+    """io branches of one job and one catalog task, in one message, run concurrently in this worker.
+
+    A fan-out is bound by messages and transactions, not by waiting: this is one message, one start
+    statement and a few outcome statements for the batch. Retries stay in the batch (its siblings are
+    still running here). Outcomes are written as branches finish, batched over a short window, so a
+    straggler never holds its siblings' outcomes back; the last write also counts the chord part."""
     jid = uuid.UUID(job_id)
     attempts = store().start_branches(jid, [b[0] for b in branches])
+    todo = [b for b in branches if b[0] in attempts]
+    if not todo:
+        return {"job": job_id, "branches": 0, "skipped": len(branches)}
     budget = Deadline(deadline_at)
 
     def run(branch: list[Any]) -> tuple[int, int, Outcome]:
-        index, name, args, kwargs = branch
-        spec = lookup(name, expect=[TaskKind.IO])
+        index, args, kwargs = branch
         attempt = attempts[index]
-        while True:  # retries stay in the chunk: its siblings are still running here
+        while True:
             outcome = execute(spec, args, kwargs, budget, attempt)
             if outcome.retry_in is None:
+                _log_outcome(job_id, index, spec, outcome)
                 return index, attempt, outcome
             time.sleep(outcome.retry_in)
             attempt += 1
 
-    todo = [b for b in branches if b[0] in attempts]
-    if not todo:
-        return {"job": job_id, "branches": 0, "skipped": len(branches)}
-    # Outcomes are written as branches finish, batched over a short window: one statement for the
-    # many that finish together, and a straggler never holds its siblings' outcomes back.
-    buffer: list[tuple[int, int, BranchState, Any, str | None]] = []
-    last_flush = time.monotonic()
-    with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="chunk") as pool:
-        pending = {pool.submit(run, b) for b in todo}
+    counter = _part_counter(task)
+    if len(todo) == 1:  # no hand-over to another thread for a batch of one
+        index, attempt, outcome = run(todo[0])
+        store().finish_branches(jid, [(index, attempt, outcome.state, outcome.result, outcome.error)],
+                                also=counter)  # fmt: skip
+    else:
+        buffer: list[tuple[int, int, BranchState, Any, str | None]] = []
+        flush_by: float | None = None  # when the oldest buffered outcome has waited long enough
+        pending = {branch_executor().submit(run, b) for b in todo}
         while pending:
-            done, pending = wait(pending, timeout=CHUNK_FLUSH_SECONDS, return_when=FIRST_COMPLETED)
+            timeout = None if flush_by is None else max(flush_by - time.monotonic(), 0.0)
+            done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
             for future in done:
                 index, attempt, outcome = future.result()
                 buffer.append((index, attempt, outcome.state, outcome.result, outcome.error))
-            if buffer and (not pending or time.monotonic() - last_flush >= CHUNK_FLUSH_SECONDS):
-                store().finish_branches(jid, buffer)
-                buffer, last_flush = [], time.monotonic()
+            if buffer and flush_by is None:
+                flush_by = time.monotonic() + CHUNK_FLUSH_SECONDS
+            if buffer and (not pending or time.monotonic() >= (flush_by or 0.0)):
+                store().finish_branches(jid, buffer, also=None if pending else counter)
+                buffer, flush_by = [], None
+    if counter is not None:
+        counter.committed()
     return {"job": job_id, "branches": len(todo), "skipped": len(branches) - len(todo)}
 
 
 def register_branch_task(spec: TaskSpec) -> None:
-    """Register `spec` as a Celery task named like the catalog function, routed by its kind."""
+    """Register `spec` as a Celery task named like the catalog function, routed by its kind.
 
-    def runner(
-        self: Task,
-        job_id: str,
-        index: int,
-        args: list[Any],
-        kwargs: dict[str, Any],
-        deadline_at: float | None = None,
-    ) -> dict[str, Any]:
-        return run_branch(self, spec, job_id, index, args, kwargs, deadline_at)
+    A cpu task's message is one branch: (job_id, index, args, kwargs, deadline_at). An io task's message
+    is a batch of the job's branches of that task: (job_id, [[index, args, kwargs], ...], deadline_at).
+    Either way Flower shows the catalog name, the job id and the branch indexes."""
+    if spec.kind is TaskKind.IO:
 
+        def io_runner(
+            self: Task, job_id: str, branches: list[list[Any]], deadline_at: float | None = None
+        ) -> dict[str, Any]:
+            return run_io_batch(self, spec, job_id, branches, deadline_at)
+
+        runner: Callable[..., dict[str, Any]] = io_runner
+    else:
+
+        def cpu_runner(
+            self: Task,
+            job_id: str,
+            index: int,
+            args: list[Any],
+            kwargs: dict[str, Any],
+            deadline_at: float | None = None,
+        ) -> dict[str, Any]:
+            return run_branch(self, spec, job_id, index, args, kwargs, deadline_at)
+
+        runner = cpu_runner
     runner.__name__ = spec.fn.__name__
     runner.__doc__ = spec.fn.__doc__
     # ignore_result: outcomes live in the branches table and the fan-in reads them there; the chord still
@@ -238,7 +302,7 @@ def register_branch_task(spec: TaskSpec) -> None:
 
 def aggregate(job_id: uuid.UUID, claim: FanInClaim) -> JobState:
     """Run the job's aggregator on the recorded outcomes and finalize the job (once: it is claimed)."""
-    outcomes = store().outcomes(job_id)
+    outcomes = list(claim.outcomes)
     succeeded = sum(1 for o in outcomes if o.ok)
     result: Any = None
     error: str | None = None
@@ -279,7 +343,8 @@ def revoke(celery: Celery, cpu_queue: str, stopped: Sequence[StoppedBranch], *, 
         celery.control.revoke(sorted(terminate), terminate=True, signal="SIGTERM")
 
 
-@app.task(name="orchestrator.fan_in", bind=True, typing=False)
+# ignore_result: the job row holds the aggregate; storing the task's own return would be one more write.
+@app.task(name="orchestrator.fan_in", bind=True, typing=False, ignore_result=True)
 def fan_in(self: Task, _header: Any, job_id: str) -> dict[str, Any]:
     """The chord body: aggregate the outcomes recorded in SQL (the header's return values are ignored)."""
     jid = uuid.UUID(job_id)
@@ -290,7 +355,7 @@ def fan_in(self: Task, _header: Any, job_id: str) -> dict[str, Any]:
     return {"job": job_id, "state": aggregate(jid, claim).value}
 
 
-@app.task(name="orchestrator.deadline", bind=True, typing=False)
+@app.task(name="orchestrator.deadline", bind=True, typing=False, ignore_result=True)
 def deadline(self: Task, job_id: str) -> dict[str, Any]:
     """Published with an ETA at the job's deadline: time out what is unfinished and run the fan-in now."""
     jid = uuid.UUID(job_id)
