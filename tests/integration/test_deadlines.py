@@ -168,21 +168,26 @@ def test_retries_are_never_scheduled_past_the_deadline(pg_stack: Stack) -> None:
     assert view.state == "partial"  # the fan-in ran when the last branch gave up, before the deadline
 
 
-def test_a_straggler_in_a_chunk_does_not_hold_back_its_siblings(pg_stack: Stack) -> None:
+def test_a_straggler_in_a_batch_does_not_hold_back_its_siblings(pg_stack: Stack) -> None:
     orc = pg_stack.orc
     flaky_dir = _marks(pg_stack) / uuid.uuid4().hex
     flaky_dir.mkdir()
-    branches = [branch("jobs.io.sleep", 0.05) for _ in range(66)]
+    # 67 branches of one task: batches of 50 and 17, the straggler (index 66) in the second.
+    branches = [branch("tests.catalog.stubborn_sleep", 0.05) for _ in range(66)]
     branches += [
         branch("tests.catalog.stubborn_sleep", 2.0),
         branch("tests.catalog.flaky", str(flaky_dir), 1),
     ]
     job = orc.submit(branches, "jobs.aggregate.summary", deadline=1.0)
-    assert len({b.celery_task_id for b in job.branches}) == 2  # 68 io branches: two chunks
+    batches = [b.celery_task_id for b in job.branches]
+    assert len(set(batches)) == 3 and batches[66] == batches[50] != batches[49]
     view = orc.wait(job.id, timeout=10)
     assert view.state == "partial", pg_stack.logs()
     assert [b.state for b in view.branches] == ["succeeded"] * 66 + ["timed_out", "succeeded"]
-    assert view.branches[67].attempts == 2  # retried inside its chunk
+    assert view.deadline_at is not None
+    # The straggler's batch siblings were recorded as they finished, long before the deadline.
+    assert all(b.finished_at < view.deadline_at for b in view.branches[50:66])  # type: ignore[operator]
+    assert view.branches[67].attempts == 2  # retried inside its batch
     deadline = time.monotonic() + 10
     while not orc.get(job.id).branches[66].late and time.monotonic() < deadline:
         time.sleep(0.1)

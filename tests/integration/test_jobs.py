@@ -129,13 +129,16 @@ def test_a_pickled_message_is_refused_and_the_worker_keeps_serving(stack: Stack)
     assert (after.state, after.result) == ("succeeded", 0.01)
 
 
-def test_a_wide_job_runs_its_io_branches_in_chunks(stack: Stack) -> None:
+def test_a_wide_job_runs_its_io_branches_in_batches(stack: Stack) -> None:
     orc = stack.orc
     branches = [branch("jobs.io.sleep", 0.3) for _ in range(98)]
     branches += [branch("tests.catalog.boom"), branch("jobs.cpu.count_primes", limit=100)]
     job = orc.submit(branches, "jobs.aggregate.summary", name="wide")
-    chunks = {b.celery_task_id for b in job.branches if b.queue == "io"}
-    assert len(chunks) == 2  # 99 io branches, 50 to a chunk; the cpu branch is its own message
+    batches = [b.celery_task_id for b in job.branches]
+    # io branches travel per task, 50 to a message: sleep x98 -> 2 batches, boom -> 1; the cpu branch
+    # is its own message.
+    assert len(set(batches[:50])) == len(set(batches[50:98])) == 1
+    assert len(set(batches)) == 4
     view = orc.wait(job.id, timeout=60)
     assert view.state == "partial", stack.logs()
     assert [b.state for b in view.branches] == ["succeeded"] * 98 + ["failed", "succeeded"]

@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from sqlalchemy import select
 from orchestrator import database
 from orchestrator.backend import SQLBackend
 from orchestrator.embedded import spawn
-from orchestrator.models import ChordCounter
+from orchestrator.models import BranchState, ChordCounter
+from orchestrator.store import NewBranch, Store
 from tests.conftest import ROOT
 from tests.services import REDIS_URL, postgres_database, rabbitmq_vhost
 
@@ -141,6 +143,57 @@ def test_racing_redelivered_parts_fire_the_body_exactly_once(database_url: str) 
             pool.map(_race, work)
             assert _counter(database_url, group_id) == (n, n, True), f"round {round_}"
             assert client.llen(queue) == round_ + 1, "the body must be published once per chord"
+    client.delete(queue)
+
+
+# --- a branch counts its part in the transaction that records its outcome ------------------------
+
+
+def test_a_part_counted_with_its_outcome_commits_with_it_or_not_at_all(database_url: str) -> None:
+    broker_url = f"{REDIS_URL}/9"
+    queue = f"fused-body-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(broker_url)
+    app = Celery("fused", broker=broker_url, backend=f"orchestrator.backend:SQLBackend+{database_url}")
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    backend: SQLBackend = app.backend
+    store = Store(database_url)
+    job_id, _ = store.create_job(
+        name="fused", fan_in="jobs.aggregate.collect",
+        branches=[NewBranch("jobs.io.sleep", "io", [0], {}) for _ in range(2)],
+    )  # fmt: skip
+    group_id, task_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(2)]
+    body = dict(app.signature("orchestrator.fan_in", args=(str(job_id),), queue=queue))
+    backend._apply_chord_incr((group_id, [app.AsyncResult(t) for t in task_ids]), body)
+    requests = [Context(id=t, group=group_id, chord=body, delivery_info={}) for t in task_ids]
+    assert store.start_branches(job_id, [0, 1]) == {0: 1, 1: 1}
+
+    # The outcome's transaction fails after counting: neither the outcome nor the count is kept.
+    counter = backend.part_counter(requests[0])
+    assert counter is not None
+
+    def count_then_fail(conn: Any) -> None:
+        counter(conn)
+        raise RuntimeError("the database went away before the commit")
+
+    with pytest.raises(RuntimeError):
+        store.finish_branch(job_id, 0, BranchState.SUCCEEDED, 1, None, also=count_then_fail)
+    assert _counter(database_url, group_id) == (0, 2, False)
+    assert store.get(job_id).branches[0].state == "running"
+
+    # Committed: counted once with the outcome; the task's own chord step then does not count again,
+    # nor does a redelivery of it (another thread, nothing remembered there).
+    for index, request in enumerate(requests):
+        counter = backend.part_counter(request)
+        assert counter is not None
+        won, _ = store.finish_branch(job_id, index, BranchState.SUCCEEDED, index, None, also=counter)
+        assert won
+        counter.committed()
+        backend.on_chord_part_return(request, "SUCCESS", None)
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(backend.on_chord_part_return, request, "SUCCESS", None).result()
+        assert _counter(database_url, group_id) == (index + 1, 2, index == 1)
+    assert client.llen(queue) == 1, "the body is published once, by the part that reached the total"
+    assert store.get(job_id).branch_done == 2
     client.delete(queue)
 
 

@@ -29,7 +29,8 @@ def _job(store: Store, n: int) -> uuid.UUID:
 
 def _finish(args: tuple[str, str, int]) -> bool:
     url, job_id, index = args
-    return Store(url).finish_branch(uuid.UUID(job_id), index, BranchState.SUCCEEDED, index, None)
+    won, _ = Store(url).finish_branch(uuid.UUID(job_id), index, BranchState.SUCCEEDED, index, None)
+    return won
 
 
 @pytest.mark.integration
@@ -70,7 +71,38 @@ def test_the_fan_in_claim_fails_branches_left_without_an_outcome(store: Store) -
     assert store.start_branch(job_id, 1) == 1  # its worker lost the database mid-branch
     claim = store.claim_fan_in(job_id)
     assert claim is not None
+    assert [o.state for o in claim.outcomes] == ["succeeded", "failed", "failed"]  # what the fan-in sees
     view = store.get(job_id)
     assert [b.state for b in view.branches] == ["succeeded", "failed", "failed"]
     assert view.branches[1].error == "the branch's task ended without recording an outcome"
     assert view.branch_done == view.branch_total == 3
+
+
+def test_a_fan_in_may_claim_a_job_the_client_has_not_yet_marked_published(store: Store) -> None:
+    """Branches can finish and the chord body run before the client's own `mark_published` commits: the
+    body's claim must not lose the job, and the late mark must not move it back."""
+    job_id, _ = store.create_job(
+        name="fast", fan_in="jobs.aggregate.collect", branches=[NewBranch("jobs.io.sleep", "io", [0], {})]
+    )
+    assert store.get(job_id).state == "pending"
+    assert store.claim_fan_in(job_id) is not None
+    store.mark_published(job_id)
+    assert store.get(job_id).state == "aggregating"
+
+
+@pytest.mark.integration
+def test_final_moves_are_announced_on_postgresql(store: Store) -> None:
+    if not store.notifies:
+        assert store.engine.dialect.name == "sqlite"  # SQLite has no NOTIFY: wait() polls there
+        return
+    finished, cancelled = _job(store, 1), _job(store, 1)
+    with store.final_notifications(finished) as notified:
+        assert notified(0.05) is False  # nothing final yet
+        assert store.claim_fan_in(finished) is not None
+        assert notified(0.05) is False  # aggregating is not final
+        with ThreadPoolExecutor(1) as pool:  # another connection, another thread
+            pool.submit(store.finalize, finished, JobState.SUCCEEDED, 1, None).result()
+        assert notified(10.0) is True
+    with store.final_notifications(cancelled) as notified:
+        assert store.cancel(cancelled) is not None
+        assert notified(10.0) is True
