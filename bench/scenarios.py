@@ -220,6 +220,8 @@ def throughput(ctx: Context, out: ScenarioResult) -> None:
             if key != REDIS:
                 target = (">=", 1.0) if key == ORCH else None
                 out.figure(f"jobs/s ratio to {REDIS}", key, rate / rates[REDIS], "x", target)
+    if ORCH in rates and DB in rates:
+        out.figure(f"jobs/s ratio to {DB}", ORCH, rates[ORCH] / rates[DB], "x", (">=", 20.0))
 
 
 # --- P3 ------------------------------------------------------------------------------------------

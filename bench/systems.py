@@ -158,14 +158,15 @@ class OrchestratorSystem(System):
         return "\n".join(f"--- {k} worker\n{w.log()[-3000:]}" for k, w in self.workers.items())
 
     def set_cpu_concurrency(self, processes: int) -> None:
-        """Restart the cpu pool with `processes` prefork children (warm shutdown of the old one first)."""
+        """Restart the cpu pool with `processes` prefork children (warm shutdown of the old one first).
+
+        The old worker must be gone before the new one connects: both are `cpu@host`, and the broker
+        refuses a second consumer on that node's exclusive control queue."""
         old = self.workers.pop("cpu", None)
         if old is not None:
-            old.terminate()  # the new worker boots (imports) while the old one drains; nothing is queued
+            old.stop(timeout=20)
         worker = start_worker("cpu", env=self.env, log_dir=self.log_dir, concurrency=processes)
         self.workers["cpu"] = worker
-        if old is not None:
-            old.stop(timeout=20)
         worker.wait_ready(60)
         self.concurrency["cpu"] = processes
 
