@@ -25,8 +25,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from .database import get_engine
 from .errors import BreakerNotFound, CircuitOpen, ConfigurationError
 from .models import Breaker, BreakerState
-from .store import _aware, utcnow
-from .views import BreakerView
+from .store import utcnow
+from .views import BreakerView, aware
 
 T = TypeVar("T")
 
@@ -128,7 +128,7 @@ class CircuitBreaker:
     def _remember(
         self, state: str, failures: int, retry_at: datetime | None, probe_started_at: datetime | None
     ) -> _Snapshot:
-        snap = _Snapshot(state, failures, _aware(retry_at), _aware(probe_started_at), time.monotonic())
+        snap = _Snapshot(state, failures, aware(retry_at), aware(probe_started_at), time.monotonic())
         self._snapshot = snap
         return snap
 
@@ -296,7 +296,7 @@ def get_breaker(name: str) -> CircuitBreaker:
 
 
 def _breaker_view(row: Any) -> BreakerView:
-    updated = _aware(row.updated_at)
+    updated = aware(row.updated_at)
     assert updated is not None
     return BreakerView(
         name=row.name,
@@ -305,9 +305,9 @@ def _breaker_view(row: Any) -> BreakerView:
         failure_threshold=row.failure_threshold,
         reset_timeout=row.reset_timeout,
         probe_lease=row.probe_lease,
-        opened_at=_aware(row.opened_at),
-        retry_at=_aware(row.retry_at),
-        probe_started_at=_aware(row.probe_started_at),
+        opened_at=aware(row.opened_at),
+        retry_at=aware(row.retry_at),
+        probe_started_at=aware(row.probe_started_at),
         updated_at=updated,
     )
 

@@ -7,8 +7,8 @@ make the same move agree on one winner: a branch outcome is written once, a job 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -29,10 +29,11 @@ from sqlalchemy import (
     update,
 )
 
+from . import notifications
 from .database import get_engine
 from .errors import JobNotFound
 from .models import FINAL_JOB_STATES, Branch, BranchState, Job, JobState
-from .views import BranchOutcome, BranchView, JobView
+from .views import BranchOutcome, JobView, branch_view, job_view
 
 T = TypeVar("T")
 #: Work a caller adds to a store transaction (the result backend counts a chord part in it).
@@ -121,18 +122,10 @@ _FINALIZE = (
     .values(state=bindparam("j_state"), result=bindparam("j_result", type_=JSON),
             error=bindparam("j_error", type_=Text), finished_at=_NOW)
 )  # fmt: skip
-_NOTIFY = select(func.pg_notify(bindparam("channel", type_=Text), bindparam("payload", type_=Text)))
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes even for timezone=True columns; everything we write is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 @dataclass(frozen=True)
@@ -258,7 +251,7 @@ class Store:
                 .values(state=JobState.FAILED, error=error, finished_at=now)
             )
             self._stop_unfinished(conn, job_id, BranchState.CANCELLED, error, now)
-            self._notify_final(conn, job_id, JobState.FAILED)
+            notifications.announce(conn, job_id, JobState.FAILED)
 
     # --- branches ----------------------------------------------------------------------------------
 
@@ -380,7 +373,7 @@ class Store:
             ).rowcount
             if not won:
                 return None
-            self._notify_final(conn, job_id, JobState.CANCELLED)
+            notifications.announce(conn, job_id, JobState.CANCELLED)
             return self._stop_unfinished(conn, job_id, BranchState.CANCELLED, "the job was cancelled", now)
 
     def outcomes(self, job_id: uuid.UUID) -> list[BranchOutcome]:
@@ -389,7 +382,7 @@ class Store:
 
     @staticmethod
     def _outcomes(conn: Connection, job_id: uuid.UUID) -> tuple[BranchOutcome, ...]:
-        views = [_branch_view(r) for r in conn.execute(_BRANCHES, {"job": job_id}).all()]
+        views = [branch_view(r) for r in conn.execute(_BRANCHES, {"job": job_id}).all()]
         return tuple(BranchOutcome(v.index, v.task, v.state, v.result, v.error, v.duration) for v in views)
 
     def finalize(self, job_id: uuid.UUID, state: JobState, result: Any, error: str | None) -> bool:
@@ -403,7 +396,7 @@ class Store:
         with self.engine.begin() as conn:
             won = bool(conn.execute(_FINALIZE, params).rowcount)
             if won:
-                self._notify_final(conn, job_id, state)
+                notifications.announce(conn, job_id, state)
             return won
 
     # --- waiting for a final state -------------------------------------------------------------------
@@ -413,33 +406,8 @@ class Store:
         """True when final moves are announced (PostgreSQL NOTIFY), so waiting needs no polling."""
         return self.engine.dialect.name == "postgresql"
 
-    def _notify_final(self, conn: Connection, job_id: uuid.UUID, state: JobState) -> None:
-        # Delivered at commit, to whoever LISTENs on the job's channel (see final_notifications).
-        if conn.dialect.name == "postgresql":
-            conn.execute(_NOTIFY, {"channel": _channel(job_id), "payload": state.value})
-
-    @contextmanager
-    def final_notifications(self, job_id: uuid.UUID) -> Iterator[Callable[[float], bool]]:
-        """LISTEN for the job's final move on a pooled connection; yields wait(seconds) -> notified?
-
-        LISTEN first, then read the state: a move committed in between is queued on this connection."""
-        raw = self.engine.raw_connection()
-        pg: Any = raw.driver_connection
-        channel = _channel(job_id)
-        try:
-            pg.autocommit = True
-            pg.execute(f'LISTEN "{channel}"')
-
-            def wait(seconds: float) -> bool:
-                return any(True for _ in pg.notifies(timeout=max(seconds, 0.0), stop_after=1))
-
-            yield wait
-        finally:
-            try:
-                pg.execute(f'UNLISTEN "{channel}"')
-                pg.autocommit = False
-            finally:
-                raw.close()
+    def final_notifications(self, job_id: uuid.UUID) -> AbstractContextManager[Callable[[float], bool]]:
+        return notifications.listen(self.engine, job_id)
 
     # --- reads -------------------------------------------------------------------------------------
 
@@ -450,7 +418,7 @@ class Store:
             if job is None:
                 raise JobNotFound(f"no job {job_id}")
             branches = list(conn.execute(_BRANCHES, {"job": jid}).all()) if with_branches else []
-        return _job_view(job, branches)
+        return job_view(job, branches)
 
     def state(self, job_id: str | uuid.UUID) -> str:
         jid = parse_job_id(job_id)
@@ -465,7 +433,7 @@ class Store:
         if state is not None:
             query = query.where(Job.state == state)
         with self.engine.connect() as conn:
-            return [_job_view(row, []) for row in conn.execute(query).all()]
+            return [job_view(row, []) for row in conn.execute(query).all()]
 
     def prune(self, older_than: timedelta) -> int:
         """Delete final jobs (and their branches) that finished before now - older_than."""
@@ -476,44 +444,3 @@ class Store:
                     delete(Job).where(Job.finished_at < cutoff, Job.state.in_(FINAL_JOB_STATES))
                 ).rowcount
             )
-
-
-def _channel(job_id: uuid.UUID) -> str:
-    return f"orchestrator_job_{job_id.hex}"
-
-
-def _branch_view(row: Any) -> BranchView:
-    return BranchView(
-        index=row.index,
-        task=row.task,
-        queue=row.queue,
-        args=row.args,
-        state=row.state,
-        attempts=row.attempts,
-        celery_task_id=row.celery_task_id,
-        started_at=_aware(row.started_at),
-        finished_at=_aware(row.finished_at),
-        result=row.result,
-        error=row.error,
-        late=row.late,
-    )
-
-
-def _job_view(row: Any, branches: Sequence[Any]) -> JobView:
-    created = _aware(row.created_at)
-    assert created is not None
-    return JobView(
-        id=str(row.id),
-        name=row.name,
-        state=row.state,
-        fan_in=row.fan_in,
-        branch_total=row.branch_total,
-        branch_done=row.branch_done,
-        created_at=created,
-        started_at=_aware(row.started_at),
-        finished_at=_aware(row.finished_at),
-        deadline_at=_aware(row.deadline_at),
-        result=row.result,
-        error=row.error,
-        branches=tuple(_branch_view(b) for b in branches),
-    )

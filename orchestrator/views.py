@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from .models import FINAL_JOB_STATES
@@ -101,3 +102,49 @@ class BreakerView:
     retry_at: datetime | None
     probe_started_at: datetime | None
     updated_at: datetime
+
+
+def aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes even for timezone=True columns; everything we write is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def branch_view(row: Any) -> BranchView:
+    """A `branches` row as a view."""
+    return BranchView(
+        index=row.index,
+        task=row.task,
+        queue=row.queue,
+        args=row.args,
+        state=row.state,
+        attempts=row.attempts,
+        celery_task_id=row.celery_task_id,
+        started_at=aware(row.started_at),
+        finished_at=aware(row.finished_at),
+        result=row.result,
+        error=row.error,
+        late=row.late,
+    )
+
+
+def job_view(row: Any, branches: Sequence[Any]) -> JobView:
+    """A `jobs` row (and its `branches` rows) as a view."""
+    created = aware(row.created_at)
+    assert created is not None
+    return JobView(
+        id=str(row.id),
+        name=row.name,
+        state=row.state,
+        fan_in=row.fan_in,
+        branch_total=row.branch_total,
+        branch_done=row.branch_done,
+        created_at=created,
+        started_at=aware(row.started_at),
+        finished_at=aware(row.finished_at),
+        deadline_at=aware(row.deadline_at),
+        result=row.result,
+        error=row.error,
+        branches=tuple(branch_view(b) for b in branches),
+    )

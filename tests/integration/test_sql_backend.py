@@ -109,10 +109,16 @@ def test_a_failing_header_task_follows_celery_chord_semantics(
 # --- real races: many processes count the same parts, each part delivered several times ------------
 
 
-def _race(args: tuple[str, str, str, list[str], dict[str, Any]]) -> None:
-    database_url, broker_url, group_id, task_ids, body = args
+def _app(database_url: str, broker_url: str = f"{REDIS_URL}/9") -> Celery:
+    """A plain Celery app on the SQL backend, publishing chord bodies to Redis where a test counts them."""
     app = Celery("race", broker=broker_url, backend=f"orchestrator.backend:SQLBackend+{database_url}")
     app.conf.update(task_serializer="json", accept_content=["json"])
+    return app
+
+
+def _race(args: tuple[str, str, str, list[str], dict[str, Any]]) -> None:
+    database_url, broker_url, group_id, task_ids, body = args
+    app = _app(database_url, broker_url)
     for i, tid in enumerate(task_ids):
         request = Context(id=tid, group=group_id, chord=body, group_index=i, delivery_info={})
         app.backend.on_chord_part_return(request, "SUCCESS", 1)
@@ -122,8 +128,7 @@ def test_racing_redelivered_parts_fire_the_body_exactly_once(database_url: str) 
     broker_url = f"{REDIS_URL}/9"
     queue = f"race-body-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(broker_url)
-    app = Celery("race", broker=broker_url, backend=f"orchestrator.backend:SQLBackend+{database_url}")
-    app.conf.update(task_serializer="json", accept_content=["json"])
+    app = _app(database_url, broker_url)
     backend: SQLBackend = app.backend
     with multiprocessing.get_context("spawn").Pool(6) as pool:
         for round_ in range(4):
@@ -150,11 +155,9 @@ def test_racing_redelivered_parts_fire_the_body_exactly_once(database_url: str) 
 
 
 def test_a_part_counted_with_its_outcome_commits_with_it_or_not_at_all(database_url: str) -> None:
-    broker_url = f"{REDIS_URL}/9"
     queue = f"fused-body-{uuid.uuid4().hex[:8]}"
-    client = redis.Redis.from_url(broker_url)
-    app = Celery("fused", broker=broker_url, backend=f"orchestrator.backend:SQLBackend+{database_url}")
-    app.conf.update(task_serializer="json", accept_content=["json"])
+    client = redis.Redis.from_url(f"{REDIS_URL}/9")
+    app = _app(database_url)
     backend: SQLBackend = app.backend
     store = Store(database_url)
     job_id, _ = store.create_job(

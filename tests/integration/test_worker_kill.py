@@ -1,4 +1,4 @@
-"""A cpu worker SIGKILLed mid-branch loses nothing: the branch is redelivered and recorded once."""
+"""A worker SIGKILLed mid-branch loses nothing: the branch is redelivered and recorded once."""
 
 from __future__ import annotations
 
@@ -40,3 +40,28 @@ def test_sigkill_of_the_cpu_worker_redelivers_the_branch_once(rabbit_stack: Stac
     # Recorded exactly once: the job counted each branch once and the fan-in saw one outcome per branch.
     assert view.branch_done == view.branch_total == 2
     assert [o["state"] for o in view.result] == ["succeeded", "succeeded"]
+
+
+def test_sigkill_of_the_io_worker_mid_batch_reruns_only_the_unrecorded_branches(rabbit_stack: Stack) -> None:
+    """One batch message of four branches: two finish and are recorded, then the worker dies. The
+    redelivered batch runs only the two without an outcome, and the chord counts the batch once."""
+    orc = rabbit_stack.orc
+    job = orc.submit(
+        [branch("jobs.io.sleep", s) for s in (0.01, 0.01, 3.0, 3.0)], fan_in="tests.catalog.outcomes"
+    )
+    assert len({b.celery_task_id for b in job.branches}) == 1  # one message
+    _wait_for(
+        lambda: [b.state for b in orc.get(job.id).branches] == ["succeeded"] * 2 + ["running"] * 2,
+        30,
+        "the fast half of the batch to be recorded",
+    )
+    killed = rabbit_stack.workers["io"]
+    killed.kill()
+    assert orc.get(job.id).state == "running"
+
+    rabbit_stack.restart("io")
+    view = orc.wait(job.id, timeout=60)
+    assert view.state == "succeeded", rabbit_stack.logs()
+    assert [b.attempts for b in view.branches] == [1, 1, 2, 2]
+    assert view.branch_done == view.branch_total == 4
+    assert [o["state"] for o in view.result] == ["succeeded"] * 4

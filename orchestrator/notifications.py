@@ -1,0 +1,48 @@
+"""Final job states announced with PostgreSQL NOTIFY, so a client waits for a job without polling.
+
+The announcement is part of the transaction that makes the move (delivered at commit); a waiter LISTENs on
+the job's own channel first and reads the row after, so a move committed in between is not missed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Text, bindparam, func, select
+
+_NOTIFY = select(func.pg_notify(bindparam("channel", type_=Text), bindparam("payload", type_=Text)))
+
+
+def channel(job_id: uuid.UUID) -> str:
+    return f"orchestrator_job_{job_id.hex}"
+
+
+def announce(conn: Connection, job_id: uuid.UUID, state: str) -> None:
+    """Inside the transaction that makes a job final; a no-op where the database has no NOTIFY."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_NOTIFY, {"channel": channel(job_id), "payload": str(state)})
+
+
+@contextmanager
+def listen(engine: Engine, job_id: uuid.UUID) -> Iterator[Callable[[float], bool]]:
+    """LISTEN for the job's final move on a pooled connection; yields wait(seconds) -> announced?"""
+    raw = engine.raw_connection()
+    pg: Any = raw.driver_connection
+    name = channel(job_id)
+    try:
+        pg.autocommit = True
+        pg.execute(f'LISTEN "{name}"')
+
+        def wait(seconds: float) -> bool:
+            return any(True for _ in pg.notifies(timeout=max(seconds, 0.0), stop_after=1))
+
+        yield wait
+    finally:
+        try:
+            pg.execute(f'UNLISTEN "{name}"')
+            pg.autocommit = False
+        finally:
+            raw.close()
