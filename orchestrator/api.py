@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -254,13 +253,11 @@ class Orchestrator:
     def wait(self, job_id: str, timeout: float = 60.0, poll: float = 0.01) -> JobView:
         """Block until the job is final. The SQL row is the truth. On PostgreSQL every final move is
         NOTIFYed, so this sleeps until it is announced (re-reading the row every second all the same);
-        elsewhere it polls the row by primary key every `poll` seconds for 10 s, then every 0.2 s."""
+        elsewhere, or past Store.LISTENERS concurrent waits, it polls the row by primary key every `poll`
+        seconds for 10 s, then every 0.2 s."""
         uid = parse_job_id(job_id)
         started = time.monotonic()
-        with contextlib.ExitStack() as stack:
-            notified = None
-            if self.store.notifies:
-                notified = stack.enter_context(self.store.final_notifications(uid))
+        with self.store.final_notifications(uid) as notified:
             announced = False
             while True:
                 if announced:  # a final move was announced: read the job at once

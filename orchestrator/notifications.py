@@ -27,9 +27,16 @@ def announce(conn: Connection, job_id: uuid.UUID, state: str) -> None:
 
 
 @contextmanager
-def listen(engine: Engine, job_id: uuid.UUID) -> Iterator[Callable[[float], bool]]:
-    """LISTEN for the job's final move on a pooled connection; yields wait(seconds) -> announced?"""
-    raw = engine.raw_connection()
+def listen(
+    engine: Engine, job_id: uuid.UUID, release: Callable[[], None] = lambda: None
+) -> Iterator[Callable[[float], bool]]:
+    """LISTEN for the job's final move on a pooled connection; yields wait(seconds) -> announced?
+    `release` is called once the connection is back in the pool."""
+    try:
+        raw = engine.raw_connection()
+    except BaseException:
+        release()
+        raise
     pg: Any = raw.driver_connection
     name = channel(job_id)
     try:
@@ -46,3 +53,4 @@ def listen(engine: Engine, job_id: uuid.UUID) -> Iterator[Callable[[float], bool
             pg.autocommit = False
         finally:
             raw.close()
+            release()

@@ -6,9 +6,10 @@ make the same move agree on one winner: a branch outcome is written once, a job 
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -167,8 +168,12 @@ def parse_job_id(job_id: str | uuid.UUID) -> uuid.UUID:
 
 
 class Store:
+    #: Waits that may hold a pooled connection to LISTEN at once (a connection each, for the wait).
+    LISTENERS = 8
+
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
+        self._listeners = threading.BoundedSemaphore(self.LISTENERS)
 
     @property
     def engine(self) -> Engine:
@@ -406,8 +411,14 @@ class Store:
         """True when final moves are announced (PostgreSQL NOTIFY), so waiting needs no polling."""
         return self.engine.dialect.name == "postgresql"
 
-    def final_notifications(self, job_id: uuid.UUID) -> AbstractContextManager[Callable[[float], bool]]:
-        return notifications.listen(self.engine, job_id)
+    def final_notifications(
+        self, job_id: uuid.UUID
+    ) -> AbstractContextManager[Callable[[float], bool] | None]:
+        """LISTEN for the job's final move; yields wait(seconds) -> announced, or None when the database
+        cannot announce, or when LISTENERS waits already hold a connection each (the rest poll)."""
+        if not self.notifies or not self._listeners.acquire(blocking=False):
+            return nullcontext()
+        return notifications.listen(self.engine, job_id, release=self._listeners.release)
 
     # --- reads -------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import pytest
 
@@ -92,11 +93,12 @@ def test_a_fan_in_may_claim_a_job_the_client_has_not_yet_marked_published(store:
 
 @pytest.mark.integration
 def test_final_moves_are_announced_on_postgresql(store: Store) -> None:
-    if not store.notifies:
-        assert store.engine.dialect.name == "sqlite"  # SQLite has no NOTIFY: wait() polls there
-        return
     finished, cancelled = _job(store, 1), _job(store, 1)
     with store.final_notifications(finished) as notified:
+        if store.engine.dialect.name == "sqlite":
+            assert notified is None and not store.notifies  # SQLite has no NOTIFY: wait() polls there
+            return
+        assert notified is not None
         assert notified(0.05) is False  # nothing final yet
         assert store.claim_fan_in(finished) is not None
         assert notified(0.05) is False  # aggregating is not final
@@ -104,5 +106,14 @@ def test_final_moves_are_announced_on_postgresql(store: Store) -> None:
             pool.submit(store.finalize, finished, JobState.SUCCEEDED, 1, None).result()
         assert notified(10.0) is True
     with store.final_notifications(cancelled) as notified:
+        assert notified is not None
         assert store.cancel(cancelled) is not None
         assert notified(10.0) is True
+    # At most LISTENERS waits hold a connection; the next one polls, and a freed slot is reused.
+    with ExitStack() as stack:
+        held = [stack.enter_context(store.final_notifications(finished)) for _ in range(Store.LISTENERS)]
+        assert all(h is not None for h in held)
+        with store.final_notifications(finished) as overflow:
+            assert overflow is None
+    with store.final_notifications(finished) as again:
+        assert again is not None
