@@ -88,7 +88,6 @@ _LATE = (
     )
     .values(late=True, result=_RESULT, error=func.coalesce(_ERROR, Branch.error))
 )
-_BUMP_DONE = update(Job).where(Job.id == _JOB).values(branch_done=Job.branch_done + 1)
 _ADD_DONE = (
     update(Job).where(Job.id == _JOB).values(branch_done=Job.branch_done + bindparam("n", type_=Integer))
 )
@@ -313,7 +312,7 @@ class Store:
                   "now": utcnow()}  # fmt: skip
         with self.engine.begin() as conn:
             won = bool(conn.execute(_FINISH, params).rowcount)
-            conn.execute(_BUMP_DONE if won else _LATE, params)
+            conn.execute(_ADD_DONE if won else _LATE, {**params, "n": 1})
             return won, also(conn) if also is not None else None
 
     # --- fan-in ------------------------------------------------------------------------------------
@@ -380,10 +379,6 @@ class Store:
                 return None
             notifications.announce(conn, job_id, JobState.CANCELLED)
             return self._stop_unfinished(conn, job_id, BranchState.CANCELLED, "the job was cancelled", now)
-
-    def outcomes(self, job_id: uuid.UUID) -> list[BranchOutcome]:
-        with self.engine.connect() as conn:
-            return list(self._outcomes(conn, job_id))
 
     @staticmethod
     def _outcomes(conn: Connection, job_id: uuid.UUID) -> tuple[BranchOutcome, ...]:
