@@ -29,10 +29,11 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 
 from . import notifications
 from .database import get_engine
-from .errors import JobNotFound
+from .errors import InvalidArgument, JobNotFound
 from .models import FINAL_JOB_STATES, Branch, BranchState, Job, JobState
 from .views import BranchOutcome, JobView, branch_view, job_view
 
@@ -50,9 +51,14 @@ _ERROR = bindparam("b_error", type_=Text)
 
 # The hot path's statements are built once: constructing a statement costs about as much CPU as
 # executing it, and branch tasks run these thousands of times a second across a worker.
+_TASK_ID = bindparam("b_tid", type_=Branch.__table__.c.celery_task_id.type)
+_TASK = bindparam("b_task", type_=Branch.__table__.c.task.type)
+# A message may only move the branches it was sent for: the branch's recorded Celery task id and task
+# name, not just (job, index), so a stray or forged message for another job's branch moves nothing.
+_SENT_FOR = (Branch.celery_task_id == _TASK_ID, Branch.task == _TASK)
 _START = (
     update(Branch)
-    .where(Branch.job_id == _JOB, Branch.index == _IDX, Branch.state.in_(_ACTIVE))
+    .where(Branch.job_id == _JOB, Branch.index == _IDX, Branch.state.in_(_ACTIVE), *_SENT_FOR)
     .values(state=BranchState.RUNNING, attempts=Branch.attempts + 1, started_at=_NOW)
     .returning(Branch.attempts)
 )
@@ -62,21 +68,27 @@ _START_MANY = (
         Branch.job_id == _JOB,
         Branch.index.in_(bindparam("idxs", expanding=True)),
         Branch.state.in_(_ACTIVE),
+        *_SENT_FOR,
     )
     .values(state=BranchState.RUNNING, attempts=Branch.attempts + 1, started_at=_NOW)
     .returning(Branch.index, Branch.attempts)
 )
 _FINISH = (
     update(Branch)
-    .where(Branch.job_id == _JOB, Branch.index == _IDX, Branch.state == BranchState.RUNNING)
+    .where(Branch.job_id == _JOB, Branch.index == _IDX, Branch.state == BranchState.RUNNING, *_SENT_FOR)
     .values(state=bindparam("b_state"), result=_RESULT, error=_ERROR, finished_at=_NOW)
 )
 _FINISH_MANY = (
     update(Branch)
-    .where(Branch.job_id == _JOB, Branch.index == _IDX, Branch.state == BranchState.RUNNING)
-    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"), result=_RESULT, error=_ERROR,
-            finished_at=_NOW)
-)  # fmt: skip
+    .where(Branch.job_id == _JOB, Branch.index == _IDX, Branch.state == BranchState.RUNNING, *_SENT_FOR)
+    .values(
+        state=bindparam("b_state"),
+        attempts=bindparam("b_attempts"),
+        result=_RESULT,
+        error=_ERROR,
+        finished_at=_NOW,
+    )
+)
 _LATE = (
     update(Branch)
     # or_ rather than in_: an expanding IN cannot be used in an executemany.
@@ -85,6 +97,7 @@ _LATE = (
         Branch.index == _IDX,
         or_(Branch.state == _STOPPED[0], Branch.state == _STOPPED[1]),
         Branch.late.is_(False),
+        *_SENT_FOR,
     )
     .values(late=True, result=_RESULT, error=func.coalesce(_ERROR, Branch.error))
 )
@@ -138,6 +151,26 @@ class NewBranch:
 
 
 @dataclass(frozen=True)
+class SentAs:
+    """The Celery message a branch task runs for: its task id and task name. Only the message a branch
+    was published as may start or finish it."""
+
+    task_id: str
+    task: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One branch's outcome, as a branch task records it."""
+
+    index: int
+    attempts: int
+    state: BranchState
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class FanInClaim:
     """The job a fan-in (or the deadline) won, with the outcomes read in the same transaction."""
 
@@ -155,6 +188,13 @@ class StoppedBranch:
     queue: str
     celery_task_id: str | None
     was_running: bool
+
+
+def require_positive_age(age: timedelta) -> timedelta:
+    """Retention ages must be positive: a zero or negative age would reach into the future."""
+    if age <= timedelta(0):
+        raise InvalidArgument(f"a retention age must be positive, got {age}")
+    return age
 
 
 def parse_job_id(job_id: str | uuid.UUID) -> uuid.UUID:
@@ -195,13 +235,42 @@ class Store:
         created_at None when the idempotency key named an existing job (whose id is returned)."""
         job_id = uuid.uuid4()
         now = utcnow()
+        if idempotency_key is not None:
+            existing = self._job_with_key(idempotency_key)
+            if existing is not None:
+                return existing, None
+        try:
+            self._insert_job(
+                job_id, now, name, fan_in, branches, idempotency_key, deadline_at, min_success, fan_in_timeout
+            )
+        except IntegrityError:
+            # Two submits with one key raced past the check above: the unique key let one insert win.
+            existing = None if idempotency_key is None else self._job_with_key(idempotency_key)
+            if existing is None:
+                raise
+            return existing, None
+        return job_id, now
+
+    def _job_with_key(self, idempotency_key: str) -> uuid.UUID | None:
+        with self.engine.connect() as conn:
+            existing: uuid.UUID | None = conn.execute(
+                select(Job.id).where(Job.idempotency_key == idempotency_key)
+            ).scalar_one_or_none()
+        return existing
+
+    def _insert_job(
+        self,
+        job_id: uuid.UUID,
+        now: datetime,
+        name: str | None,
+        fan_in: str,
+        branches: Sequence[NewBranch],
+        idempotency_key: str | None,
+        deadline_at: datetime | None,
+        min_success: int | None,
+        fan_in_timeout: float | None,
+    ) -> None:
         with self.engine.begin() as conn:
-            if idempotency_key is not None:
-                existing = conn.execute(
-                    select(Job.id).where(Job.idempotency_key == idempotency_key)
-                ).scalar_one_or_none()
-                if existing is not None:
-                    return existing, None
             conn.execute(
                 insert(Job).values(
                     id=job_id,
@@ -234,7 +303,6 @@ class Store:
                     for i, b in enumerate(branches)
                 ],
             )
-        return job_id, now
 
     def mark_published(self, job_id: uuid.UUID) -> datetime:
         now = utcnow()
@@ -259,40 +327,62 @@ class Store:
 
     # --- branches ----------------------------------------------------------------------------------
 
-    def start_branch(self, job_id: uuid.UUID, index: int) -> int | None:
-        """Claim a branch for this attempt; None when its outcome is already recorded (a redelivery)."""
+    def start_branch(self, job_id: uuid.UUID, index: int, sent: SentAs) -> int | None:
+        """Claim a branch for this attempt; None when its outcome is already recorded (a redelivery) or
+        when `sent` is not the message the branch was published as (a stray or forged message)."""
+        params = {"job": job_id, "idx": index, "now": utcnow(), "b_tid": sent.task_id, "b_task": sent.task}
         with self.engine.begin() as conn:
-            attempt: int | None = conn.execute(
-                _START, {"job": job_id, "idx": index, "now": utcnow()}
-            ).scalar_one_or_none()
+            attempt: int | None = conn.execute(_START, params).scalar_one_or_none()
         return attempt
 
-    def start_branches(self, job_id: uuid.UUID, indexes: Sequence[int]) -> dict[int, int]:
+    def start_branches(self, job_id: uuid.UUID, indexes: Sequence[int], sent: SentAs) -> dict[int, int]:
         """start_branch for a batch, in one statement: {index: attempt} of those not already final."""
+        params = {
+            "job": job_id,
+            "idxs": list(indexes),
+            "now": utcnow(),
+            "b_tid": sent.task_id,
+            "b_task": sent.task,
+        }
         with self.engine.begin() as conn:
-            rows = conn.execute(_START_MANY, {"job": job_id, "idxs": list(indexes), "now": utcnow()}).all()
+            rows = conn.execute(_START_MANY, params).all()
         return {index: attempts for index, attempts in rows}
 
     def finish_branches(
         self,
         job_id: uuid.UUID,
-        outcomes: Sequence[tuple[int, int, BranchState, Any, str | None]],
+        sent: SentAs,
+        outcomes: Sequence[Finished],
         also: AlsoInTransaction[T] | None = None,
     ) -> T | None:
-        """finish_branch for a batch: (index, attempts, state, result, error) rows, in one transaction.
-        When some lost to the deadline (kept as late results), branch_done is recounted from the rows.
-        `also` runs in the same transaction (the chord count of the batch's task); its value is returned."""
+        """Record a batch's outcomes once, in one transaction; a loser that arrives after a final move (the
+        deadline, a cancel) is kept as a late result. `also` runs in the same transaction (the chord count
+        of the batch's message); its value is returned.
+
+        Lock order, as everywhere: the job row first, then its branch rows (expire, cancel and the fan-in
+        claim do the same), so a finish racing the deadline waits instead of deadlocking. The job's
+        counter is bumped first, optimistically, which takes that lock without an extra round trip; when
+        some outcome lost, branch_done is recounted from the rows.
+        """
         now = utcnow()
         rows = [
-            {"job": job_id, "idx": i, "b_attempts": a, "b_state": s.value, "b_result": r, "b_error": e,
-             "now": now}
-            for i, a, s, r, e in outcomes
-        ]  # fmt: skip
+            {
+                "job": job_id,
+                "idx": o.index,
+                "b_attempts": o.attempts,
+                "b_state": o.state.value,
+                "b_result": o.result,
+                "b_error": o.error,
+                "now": now,
+                "b_tid": sent.task_id,
+                "b_task": sent.task,
+            }
+            for o in sorted(outcomes, key=lambda o: o.index)  # one row order too, for two deliveries
+        ]
         with self.engine.begin() as conn:
+            conn.execute(_ADD_DONE, {"job": job_id, "n": len(rows)})
             won = conn.execute(_FINISH_MANY, rows).rowcount
-            if conn.dialect.supports_sane_multi_rowcount and won == len(rows):
-                conn.execute(_ADD_DONE, {"job": job_id, "n": won})  # the usual case: none arrived late
-            else:
+            if not (conn.dialect.supports_sane_multi_rowcount and won == len(rows)):
                 conn.execute(_LATE, rows)
                 conn.execute(_RECOUNT_DONE, {"job": job_id})
             return also(conn) if also is not None else None
@@ -300,19 +390,28 @@ class Store:
     def finish_branch(
         self,
         job_id: uuid.UUID,
-        index: int,
-        state: BranchState,
-        result: Any,
-        error: str | None,
+        sent: SentAs,
+        outcome: Finished,
         also: AlsoInTransaction[T] | None = None,
     ) -> tuple[bool, T | None]:
-        """Record the outcome once; a loser that arrives after a final move is kept as a late result.
-        Returns (won, what `also` returned): `also` runs in the same transaction."""
-        params = {"job": job_id, "idx": index, "b_state": state.value, "b_result": result, "b_error": error,
-                  "now": utcnow()}  # fmt: skip
+        """finish_branches for one branch (keeping the attempt count its start recorded). Returns (won,
+        what `also` returned)."""
+        params = {
+            "job": job_id,
+            "idx": outcome.index,
+            "b_state": outcome.state.value,
+            "b_result": outcome.result,
+            "b_error": outcome.error,
+            "now": utcnow(),
+            "b_tid": sent.task_id,
+            "b_task": sent.task,
+        }
         with self.engine.begin() as conn:
+            conn.execute(_ADD_DONE, {"job": job_id, "n": 1})  # the job row first: see finish_branches
             won = bool(conn.execute(_FINISH, params).rowcount)
-            conn.execute(_ADD_DONE if won else _LATE, {**params, "n": 1})
+            if not won:
+                conn.execute(_LATE, params)
+                conn.execute(_RECOUNT_DONE, {"job": job_id})
             return won, also(conn) if also is not None else None
 
     # --- fan-in ------------------------------------------------------------------------------------
@@ -442,8 +541,9 @@ class Store:
             return [job_view(row, []) for row in conn.execute(query).all()]
 
     def prune(self, older_than: timedelta) -> int:
-        """Delete final jobs (and their branches) that finished before now - older_than."""
-        cutoff = utcnow() - older_than
+        """Delete final jobs (and their branches) that finished before now - older_than. Unfinished jobs
+        are never pruned, however old."""
+        cutoff = utcnow() - require_positive_age(older_than)
         with self.engine.begin() as conn:
             return int(
                 conn.execute(

@@ -24,7 +24,7 @@ from orchestrator import database
 from orchestrator.backend import SQLBackend
 from orchestrator.embedded import spawn
 from orchestrator.models import BranchState, ChordCounter
-from orchestrator.store import NewBranch, Store
+from orchestrator.store import Finished, NewBranch, SentAs, Store
 from tests.conftest import ROOT
 from tests.services import REDIS_URL, postgres_database, rabbitmq_vhost
 
@@ -160,15 +160,17 @@ def test_a_part_counted_with_its_outcome_commits_with_it_or_not_at_all(database_
     app = _app(database_url)
     backend: SQLBackend = app.backend
     store = Store(database_url)
+    batch = str(uuid.uuid4())  # both branches travel in one io batch message
     job_id, _ = store.create_job(
         name="fused", fan_in="jobs.aggregate.collect",
-        branches=[NewBranch("jobs.io.sleep", "io", [0], {}) for _ in range(2)],
+        branches=[NewBranch("jobs.io.sleep", "io", [0], {}, batch) for _ in range(2)],
     )  # fmt: skip
     group_id, task_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(2)]
+    sent = SentAs(batch, "jobs.io.sleep")
     body = dict(app.signature("orchestrator.fan_in", args=(str(job_id),), queue=queue))
     backend._apply_chord_incr((group_id, [app.AsyncResult(t) for t in task_ids]), body)
     requests = [Context(id=t, group=group_id, chord=body, delivery_info={}) for t in task_ids]
-    assert store.start_branches(job_id, [0, 1]) == {0: 1, 1: 1}
+    assert store.start_branches(job_id, [0, 1], sent) == {0: 1, 1: 1}
 
     # The outcome's transaction fails after counting: neither the outcome nor the count is kept.
     counter = backend.part_counter(requests[0])
@@ -179,7 +181,7 @@ def test_a_part_counted_with_its_outcome_commits_with_it_or_not_at_all(database_
         raise RuntimeError("the database went away before the commit")
 
     with pytest.raises(RuntimeError):
-        store.finish_branch(job_id, 0, BranchState.SUCCEEDED, 1, None, also=count_then_fail)
+        store.finish_branch(job_id, sent, Finished(0, 1, BranchState.SUCCEEDED, 1), also=count_then_fail)
     assert _counter(database_url, group_id) == (0, 2, False)
     assert store.get(job_id).branches[0].state == "running"
 
@@ -188,7 +190,9 @@ def test_a_part_counted_with_its_outcome_commits_with_it_or_not_at_all(database_
     for index, request in enumerate(requests):
         counter = backend.part_counter(request)
         assert counter is not None
-        won, _ = store.finish_branch(job_id, index, BranchState.SUCCEEDED, index, None, also=counter)
+        won, _ = store.finish_branch(
+            job_id, sent, Finished(index, 1, BranchState.SUCCEEDED, index), also=counter
+        )
         assert won
         counter.committed()
         backend.on_chord_part_return(request, "SUCCESS", None)

@@ -11,14 +11,14 @@ from sqlalchemy import update
 from orchestrator import Orchestrator
 from orchestrator.metrics import SQLCollector
 from orchestrator.models import Branch, BranchState
-from orchestrator.store import NewBranch, utcnow
+from orchestrator.store import NewBranch, SentAs, utcnow
 
 
 def test_collect_on_sqlite(embedded_orc: Orchestrator) -> None:
     store = embedded_orc.store
     new = NewBranch("jobs.io.sleep", "io", [0.3], {}, str(uuid.uuid4()))
     job_id, _ = store.create_job(name="m", fan_in="jobs.aggregate.collect", branches=[new])
-    store.start_branch(job_id, 0)
+    store.start_branch(job_id, 0, SentAs(new.celery_task_id or "", new.task))
     with store.engine.begin() as conn:
         now = utcnow()
         conn.execute(update(Branch).values(started_at=now - timedelta(seconds=0.3), finished_at=now,
