@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -33,7 +33,7 @@ from .deadline import Deadline
 from .errors import CircuitOpen, DeadlineExceeded
 from .models import BranchState, JobState
 from .registry import TaskKind, TaskSpec, lookup
-from .store import FanInClaim, StoppedBranch, Store
+from .store import FanInClaim, Finished, SentAs, StoppedBranch, Store
 
 logger = logging.getLogger(__name__)
 _store: Store | None = None
@@ -105,6 +105,9 @@ class Outcome:
     error: str | None = None
     retry_in: float | None = None  # a failure that may be retried after this many seconds
 
+    def finished(self, index: int, attempt: int) -> Finished:
+        return Finished(index, attempt, self.state, self.result, self.error)
+
 
 def execute(
     spec: TaskSpec, args: list[Any], kwargs: dict[str, Any], budget: Deadline, attempt: int
@@ -146,6 +149,14 @@ def execute(
     return Outcome(BranchState.SUCCEEDED, result=result)
 
 
+_SKIPPED = "no runnable branch for this message (outcome already recorded, or not the message it was sent as)"
+
+
+def _sent_as(task: Task) -> SentAs:
+    """A branch may only be moved by the message it was published as (see Store's _SENT_FOR)."""
+    return SentAs(task_id=str(task.request.id), task=str(task.name))
+
+
 def _part_counter(task: Task) -> PartCounter | None:
     """When the result backend is ours, the branch's chord count commits with its outcome."""
     backend = task.backend
@@ -163,9 +174,10 @@ def run_branch(
 ) -> dict[str, Any]:
     """One cpu branch, one message: its retries go back through the broker (the prefork child is freed)."""
     jid = uuid.UUID(job_id)
-    attempt = store().start_branch(jid, index)
+    sent = _sent_as(task)
+    attempt = store().start_branch(jid, index, sent)
     if attempt is None:
-        return {"index": index, "skipped": "outcome already recorded"}
+        return {"index": index, "skipped": _SKIPPED}
     outcome = execute(spec, args, kwargs, Deadline(deadline_at), attempt)
     if outcome.retry_in is not None:
         logger.info("branch %s[%d] attempt %d failed, retry in %.3fs: %s", job_id, index, attempt,
@@ -173,7 +185,7 @@ def run_branch(
         raise task.retry(countdown=outcome.retry_in, max_retries=spec.retries)
     _log_outcome(job_id, index, spec, outcome)
     counter = _part_counter(task)
-    store().finish_branch(jid, index, outcome.state, outcome.result, outcome.error, also=counter)
+    store().finish_branch(jid, sent, outcome.finished(index, attempt), also=counter)
     if counter is not None:
         counter.committed()
     return {"index": index, "state": outcome.state.value}
@@ -185,24 +197,36 @@ def _log_outcome(job_id: str, index: int, spec: TaskSpec, outcome: Outcome) -> N
 
 
 _executor: ThreadPoolExecutor | None = None
+_running: threading.BoundedSemaphore | None = None  # one slot per io branch running in this worker
 _executor_lock = threading.Lock()
+#: The io worker's pool size (`-c`, default ORCH_IO_CONCURRENCY), learnt when the worker starts.
+_pool_size: int | None = None
 
 
-def branch_executor() -> ThreadPoolExecutor:
-    """The io worker's threads for the branches of a batch, shared by every batch so threads are reused.
+@signals.worker_init.connect
+def _learn_pool_size(sender: Any = None, **_: Any) -> None:
+    global _pool_size
+    size = getattr(sender, "concurrency", None)
+    _pool_size = size if isinstance(size, int) and size > 0 else None
 
-    Bounded like the pool it serves: every pool slot may hold a full batch."""
-    global _executor
+
+def branch_executor() -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
+    """The io worker's threads for the branches of its batches, shared by every batch so threads are
+    reused, and the slots that bound them. The pool size (ORCH_IO_CONCURRENCY, or `-c`) is how many io
+    branches one worker runs at once, whatever the batches, so a user can set it to protect a backend:
+    a batch message holds a pool slot while its branches wait for a running slot."""
+    global _executor, _running
     with _executor_lock:
-        if _executor is None:
-            size = settings.io_concurrency * settings.io_chunk_size
+        if _executor is None or _running is None:
+            size = _pool_size or settings.io_concurrency
             _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="branch")
-        return _executor
+            _running = threading.BoundedSemaphore(size)
+        return _executor, _running
 
 
 def _forget_executor_after_fork() -> None:
-    global _executor
-    _executor = None
+    global _executor, _running
+    _executor = _running = None
 
 
 os.register_at_fork(after_in_child=_forget_executor_after_fork)
@@ -218,42 +242,42 @@ def run_io_batch(
     still running here). Outcomes are written as branches finish, batched over a short window, so a
     straggler never holds its siblings' outcomes back; the last write also counts the chord part."""
     jid = uuid.UUID(job_id)
-    attempts = store().start_branches(jid, [b[0] for b in branches])
+    sent = _sent_as(task)
+    attempts = store().start_branches(jid, [b[0] for b in branches], sent)
     todo = [b for b in branches if b[0] in attempts]
     if not todo:
         return {"job": job_id, "branches": 0, "skipped": len(branches)}
     budget = Deadline(deadline_at)
 
-    def run(branch: list[Any]) -> tuple[int, int, Outcome]:
+    executor, running = branch_executor()
+
+    def run(branch: list[Any]) -> Finished:
         index, args, kwargs = branch
         attempt = attempts[index]
         while True:
-            outcome = execute(spec, args, kwargs, budget, attempt)
+            with running:  # not held across a retry's backoff
+                outcome = execute(spec, args, kwargs, budget, attempt)
             if outcome.retry_in is None:
                 _log_outcome(job_id, index, spec, outcome)
-                return index, attempt, outcome
+                return outcome.finished(index, attempt)
             time.sleep(outcome.retry_in)
             attempt += 1
 
     counter = _part_counter(task)
     if len(todo) == 1:  # no hand-over to another thread for a batch of one
-        index, attempt, outcome = run(todo[0])
-        store().finish_branches(jid, [(index, attempt, outcome.state, outcome.result, outcome.error)],
-                                also=counter)  # fmt: skip
+        store().finish_branches(jid, sent, [run(todo[0])], also=counter)
     else:
-        buffer: list[tuple[int, int, BranchState, Any, str | None]] = []
+        buffer: list[Finished] = []
         flush_by: float | None = None  # when the oldest buffered outcome has waited long enough
-        pending = {branch_executor().submit(run, b) for b in todo}
+        pending = {executor.submit(run, b) for b in todo}
         while pending:
             timeout = None if flush_by is None else max(flush_by - time.monotonic(), 0.0)
             done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
-            for future in done:
-                index, attempt, outcome = future.result()
-                buffer.append((index, attempt, outcome.state, outcome.result, outcome.error))
+            buffer.extend(future.result() for future in done)
             if buffer and flush_by is None:
                 flush_by = time.monotonic() + CHUNK_FLUSH_SECONDS
             if buffer and (not pending or time.monotonic() >= (flush_by or 0.0)):
-                store().finish_branches(jid, buffer, also=None if pending else counter)
+                store().finish_branches(jid, sent, buffer, also=None if pending else counter)
                 buffer, flush_by = [], None
     if counter is not None:
         counter.committed()

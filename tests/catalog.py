@@ -86,3 +86,11 @@ def record_calls(outcomes: list[BranchOutcome]) -> dict[str, Any]:
     with open(Path(os.environ["TEST_MARK_DIR"]) / "aggregations", "a") as f:
         f.write(call + "\n")
     return {"call": call, "branches": len(outcomes)}
+
+
+@io_task
+def timed_sleep(seconds: float) -> dict[str, float]:
+    """Sleeps and says when it ran (wall clock), so a test can count how many branches overlapped."""
+    started = time.time()
+    time.sleep(seconds)
+    return {"started": started, "finished": time.time()}

@@ -16,6 +16,9 @@ from orchestrator.models import Branch, Job
 from tests.services import postgres_database, rabbitmq_vhost, redis_database
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Pool sizes of a test stack. io is the default ORCH_IO_CONCURRENCY: how many io branches a worker runs
+#: at once, which tests with stragglers holding their threads until a deadline need.
+POOL_SIZES = {"io": 64, "cpu": 2, "fanin": 2}
 
 
 def base_env(home: Path, **extra: str) -> dict[str, str]:
@@ -62,18 +65,14 @@ class Stack:
 
     def start(self, kinds: tuple[str, ...] = KINDS) -> None:
         assert self.orc.settings.database_url  # migrate before any worker touches the database
-        started = start_pools(
-            kinds, env=self.env, log_dir=self.home / "logs", concurrency={"io": 16, "cpu": 2, "fanin": 2}
-        )
+        started = start_pools(kinds, env=self.env, log_dir=self.home / "logs", concurrency=POOL_SIZES)
         self.workers.update({w.kind: w for w in started})
 
     def restart(self, kind: str) -> WorkerProcess:
         old = self.workers.get(kind)
         if old is not None:
             old.stop(timeout=10)
-        worker = start_worker(
-            kind, env=self.env, log_dir=self.home / "logs", concurrency={"io": 16, "cpu": 2, "fanin": 2}[kind]
-        )
+        worker = start_worker(kind, env=self.env, log_dir=self.home / "logs", concurrency=POOL_SIZES[kind])
         worker.wait_ready(60)
         self.workers[kind] = worker
         return worker
