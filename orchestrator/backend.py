@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,6 +31,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    literal,
     or_,
     select,
     update,
@@ -37,8 +39,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .database import get_engine
-from .models import ChordCounter, ChordPart, ResultRecord
-from .store import utcnow
+from .models import FINAL_JOB_STATES, ChordCounter, ChordPart, Job, ResultRecord
+from .store import require_positive_age, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -360,14 +362,48 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
     # --- retention ---------------------------------------------------------------------------------
 
     def prune(self, older_than: timedelta) -> int:
-        """Delete results and finished chord joins older than `older_than`; returns rows removed."""
-        cutoff: datetime = utcnow() - older_than
+        """Delete results and chord joins older than `older_than` that nothing waits on; returns rows
+        removed. A join is removed once its body was published, or when it is an orchestrator job's join
+        and the job is final (a cancelled job's chord never completes) or gone; a running chord's join
+        and its group's result are never removed, however old: without them the job could never end."""
+        cutoff: datetime = utcnow() - require_positive_age(older_than)
         with self.engine.begin() as conn:
-            old_groups = select(ChordCounter.group_id).where(ChordCounter.created_at < cutoff)
-            removed = conn.execute(delete(ChordPart).where(ChordPart.group_id.in_(old_groups))).rowcount
-            removed += conn.execute(delete(ChordCounter).where(ChordCounter.created_at < cutoff)).rowcount
-            removed += conn.execute(delete(ResultRecord).where(ResultRecord.updated_at < cutoff)).rowcount
+            done = [
+                row.group_id
+                for row in conn.execute(
+                    select(ChordCounter.group_id, ChordCounter.fired, ChordCounter.body).where(
+                        ChordCounter.created_at < cutoff
+                    )
+                ).all()
+                if row.fired or self._job_is_over(conn, row.body)
+            ]
+            removed = 0
+            for start in range(0, len(done), 500):
+                some = done[start : start + 500]
+                removed += conn.execute(delete(ChordPart).where(ChordPart.group_id.in_(some))).rowcount
+                removed += conn.execute(delete(ChordCounter).where(ChordCounter.group_id.in_(some))).rowcount
+            waiting_groups = select(literal(_key(self.group_keyprefix)) + ChordCounter.group_id).where(
+                ChordCounter.fired.is_(False)
+            )
+            removed += conn.execute(
+                delete(ResultRecord).where(
+                    ResultRecord.updated_at < cutoff, ResultRecord.key.not_in(waiting_groups)
+                )
+            ).rowcount
         return int(removed)
+
+    @staticmethod
+    def _job_is_over(conn: Connection, body: Any) -> bool:
+        """True when `body` is an orchestrator fan-in whose job is final or no longer exists."""
+        if not isinstance(body, dict) or body.get("task") not in SQLBackend.bodies_without_header_results:
+            return False
+        args = body.get("args") or []
+        try:
+            job_id = uuid.UUID(str(args[0]))
+        except (IndexError, ValueError):
+            return False
+        state = conn.execute(select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
+        return state is None or state in FINAL_JOB_STATES
 
     def cleanup(self) -> None:
         if self.expires:

@@ -27,6 +27,10 @@ class ArgumentsNotSerializable(InvalidJobSpec):
     """Branch arguments must survive a JSON round trip; pickle is never used."""
 
 
+class InvalidArgument(OrchestratorError, ValueError):
+    """An argument to an API call or command is out of range (e.g. a retention age that is not positive)."""
+
+
 class JobNotFound(OrchestratorError, LookupError):
     """No job has that id."""
 
