@@ -7,7 +7,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,7 +17,7 @@ from celery import chord, group
 from . import breaker, database, registry
 from .errors import ArgumentsNotSerializable, InvalidJobSpec, JobAlreadyFinal, PublishError, WaitTimeout
 from .models import FINAL_JOB_STATES, BranchState, JobState
-from .registry import TaskKind
+from .registry import TaskKind, TaskSpec
 from .settings import Settings
 from .store import NewBranch, Store, parse_job_id, utcnow
 from .views import BranchView, BreakerView, JobView
@@ -49,16 +49,53 @@ def _positive(what: str, value: object) -> float:
     return float(value)
 
 
+#: How deep branch arguments may nest. Deeper JSON crashes consumers that recurse over it: the prefork
+#: pool pickles a cpu branch's arguments for its child and fails from about 500 levels, taking the
+#: worker down, and the message then kills the next worker. Real arguments are a few levels deep.
+MAX_ARGUMENT_DEPTH = 64
+
+
+def _too_deep(values: Iterable[object]) -> bool:
+    """True when a list or dict in `values` nests deeper than MAX_ARGUMENT_DEPTH, found without
+    recursion (a hostile value may be deeper than Python's stack)."""
+    stack: list[tuple[object, int]] = [(v, 0) for v in values]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if level == MAX_ARGUMENT_DEPTH:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
 def _json_args(index: int, spec: BranchSpec) -> tuple[list[Any], dict[str, Any]]:
     """Arguments must survive a JSON round trip unchanged; tuples become lists, anything else is refused."""
+    where = f"branch {index} ({spec.task})"
+    if _too_deep([*spec.args, *spec.kwargs.values()]):
+        raise InvalidJobSpec(f"{where}: arguments nest deeper than {MAX_ARGUMENT_DEPTH} levels")
     try:
         text = json.dumps([list(spec.args), spec.kwargs], allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ArgumentsNotSerializable(
-            f"branch {index} ({spec.task}): arguments are not JSON-serializable: {exc}"
-        ) from None
+        raise ArgumentsNotSerializable(f"{where}: arguments are not JSON-serializable: {exc}") from None
     args, kwargs = json.loads(text)
     return args, kwargs
+
+
+def _check_call(index: int, task: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """The arguments must fit the function's signature: a typo (`secs=` for `seconds=`) is refused at
+    submit, not discovered as a failed branch at run time. `deadline` is the orchestrator's to pass."""
+    where = f"branch {index} ({task.name})"
+    if task.accepts_deadline and "deadline" in kwargs:
+        raise InvalidJobSpec(f"{where}: 'deadline' is passed by the orchestrator, not by the job")
+    try:
+        task.signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidJobSpec(f"{where}: {exc}") from None
 
 
 class Orchestrator:
@@ -96,6 +133,7 @@ class Orchestrator:
                 raise InvalidJobSpec(f"branch {i} must be built with branch(task, ...), got {spec!r}")
             task = registry.lookup(spec.task, expect=[TaskKind.IO, TaskKind.CPU])
             args, kwargs = _json_args(i, spec)
+            _check_call(i, task, args, kwargs)
             queue = self.settings.queue_for(task.kind)
             new.append(NewBranch(task.name, queue, args, kwargs, celery_task_id=str(uuid.uuid4())))
         return new

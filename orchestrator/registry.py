@@ -8,6 +8,7 @@ Celery task under its catalog name, so Flower and `celery inspect` show `jobs.io
 from __future__ import annotations
 
 import enum
+import functools
 import importlib
 import inspect
 from collections.abc import Callable, Iterable
@@ -34,10 +35,15 @@ class TaskSpec:
     backoff: float = 1.0  # seconds: the first retry waits up to this, then 2x, 4x ... (capped at 60 s)
     breaker: str | None = None  # the circuit breaker every call goes through
 
-    @property
+    @functools.cached_property
+    def signature(self) -> inspect.Signature:
+        """Read once: submit checks every branch's arguments against it."""
+        return inspect.signature(self.fn)
+
+    @functools.cached_property
     def accepts_deadline(self) -> bool:
         """True when the function declares a keyword-only `deadline` parameter to receive its budget."""
-        param = inspect.signature(self.fn).parameters.get("deadline")
+        param = self.signature.parameters.get("deadline")
         return param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY
 
 

@@ -16,7 +16,16 @@ from orchestrator import (
     WrongTaskKind,
     branch,
 )
+from orchestrator.api import MAX_ARGUMENT_DEPTH
 from tests.conftest import row_counts
+
+
+def _nested(depth: int) -> Any:
+    """A list `depth` levels deep."""
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def _published(orc: Orchestrator) -> list[str]:
@@ -62,6 +71,44 @@ def _published(orc: Orchestrator) -> list[str]:
         ([branch("jobs.io.sleep", 1)], None, UnknownTask, "task name must be a non-empty string"),
         (["jobs.io.sleep"], "jobs.aggregate.collect", InvalidJobSpec, "must be built with branch"),
         ("jobs.io.sleep", "jobs.aggregate.collect", InvalidJobSpec, "must be a list"),
+        # Arguments that do not fit the function are refused at submit, not failed at run time.
+        (
+            [branch("jobs.io.sleep", 1), branch("jobs.io.sleep", secs=1)],
+            "jobs.aggregate.collect",
+            InvalidJobSpec,
+            "branch 1 \\(jobs.io.sleep\\): missing a required argument: 'seconds'",
+        ),
+        (
+            [branch("jobs.io.sleep", 1, secs=1)],
+            "jobs.aggregate.collect",
+            InvalidJobSpec,
+            "branch 0 \\(jobs.io.sleep\\): got an unexpected keyword argument 'secs'",
+        ),
+        (
+            [branch("jobs.cpu.count_primes", 10, 20)],
+            "jobs.aggregate.collect",
+            InvalidJobSpec,
+            "branch 0 \\(jobs.cpu.count_primes\\): too many positional arguments",
+        ),
+        (
+            [branch("jobs.io.sleep", 1, deadline=5)],
+            "jobs.aggregate.collect",
+            InvalidJobSpec,
+            "'deadline' is passed by the orchestrator",
+        ),
+        # Nested deeper than a prefork pool can pickle for its child: refused before anything is written.
+        (
+            [branch("jobs.io.tcp_probe", _nested(MAX_ARGUMENT_DEPTH + 1), 1)],
+            "jobs.aggregate.collect",
+            InvalidJobSpec,
+            f"branch 0 \\(jobs.io.tcp_probe\\): arguments nest deeper than {MAX_ARGUMENT_DEPTH} levels",
+        ),
+        (
+            [branch("jobs.cpu.count_primes", limit={"a": _nested(5000)})],
+            "jobs.aggregate.collect",
+            InvalidJobSpec,
+            "arguments nest deeper than",
+        ),
     ],
 )
 def test_bad_spec_raises_and_writes_nothing(
@@ -147,3 +194,12 @@ def test_wait_times_out_on_a_job_no_worker_runs(embedded_orc: Orchestrator) -> N
     job = embedded_orc.submit([branch("jobs.io.sleep", 0.1)], "jobs.aggregate.collect")
     with pytest.raises(WaitTimeout, match=f"job {job.id} is still running after 0.2s"):
         embedded_orc.wait(job.id, timeout=0.2)
+
+
+def test_arguments_nested_up_to_the_limit_are_accepted(embedded_orc: Orchestrator) -> None:
+    job = embedded_orc.submit(
+        [branch("jobs.io.tcp_probe", _nested(MAX_ARGUMENT_DEPTH), 1), branch("jobs.io.sleep", seconds=0.1)],
+        "jobs.aggregate.collect",
+    )
+    assert job.branches[0].args == {"args": [_nested(MAX_ARGUMENT_DEPTH), 1], "kwargs": {}}
+    assert row_counts(embedded_orc) == (1, 2)
