@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigurationError
+from .hosts import DEFAULT_FETCH_ALLOWED_HOSTS, Hosts, parse_hosts
 
 
 def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 1) -> int:
@@ -63,6 +64,8 @@ class Settings:
     breaker_reset_timeout: float = 30.0
     breaker_probe_lease: float = 30.0  # a probe not reported within this is presumed dead
     breaker_cache_ttl: float = 0.2  # seconds a process may act on the breaker state it last read
+    # hosts the bundled jobs.io fetch/probe branches may reach: (host, port or None for any port)
+    fetch_allowed_hosts: Hosts = DEFAULT_FETCH_ALLOWED_HOSTS
 
     @property
     def embedded(self) -> bool:
@@ -124,4 +127,7 @@ class Settings:
             breaker_reset_timeout=_float(env, "ORCH_BREAKER_RESET_TIMEOUT", 30.0),
             breaker_probe_lease=_float(env, "ORCH_BREAKER_PROBE_LEASE", 30.0),
             breaker_cache_ttl=_float(env, "ORCH_BREAKER_CACHE_TTL", 0.2),
+            fetch_allowed_hosts=parse_hosts(
+                "ORCH_FETCH_ALLOWED_HOSTS", env.get("ORCH_FETCH_ALLOWED_HOSTS", "")
+            ),
         )

@@ -39,11 +39,39 @@ def test_production_urls_and_imports() -> None:
         ({"ORCH_CPU_CONCURRENCY": "0"}, "ORCH_CPU_CONCURRENCY must be >= 1"),
         ({"ORCH_FAN_IN_TIMEOUT": "-1"}, "ORCH_FAN_IN_TIMEOUT must be positive"),
         ({"ORCH_IO_POOL": "prefork"}, "ORCH_IO_POOL must be threads or gevent"),
+        ({"ORCH_FETCH_ALLOWED_HOSTS": "api.example.com:0"}, "ORCH_FETCH_ALLOWED_HOSTS: bad port"),
+        ({"ORCH_FETCH_ALLOWED_HOSTS": "host:"}, "ORCH_FETCH_ALLOWED_HOSTS: bad port"),
+        ({"ORCH_FETCH_ALLOWED_HOSTS": "a:b:c"}, "ORCH_FETCH_ALLOWED_HOSTS: bad IPv6 address"),
+        ({"ORCH_FETCH_ALLOWED_HOSTS": "*:443"}, "'\\*' allows every host and takes no port"),
+        ({"ORCH_FETCH_ALLOWED_HOSTS": "api.*.com"}, "ORCH_FETCH_ALLOWED_HOSTS: bad host"),
+        ({"ORCH_FETCH_ALLOWED_HOSTS": "*."}, "ORCH_FETCH_ALLOWED_HOSTS: bad host"),
+        ({"ORCH_FETCH_ALLOWED_HOSTS": "127.1"}, "ORCH_FETCH_ALLOWED_HOSTS: bad host"),
+        ({"ORCH_FETCH_ALLOWED_HOSTS": "http://api.example.com"}, "ORCH_FETCH_ALLOWED_HOSTS: bad"),
     ],
 )
 def test_bad_settings_are_refused_clearly(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         Settings.from_env(env)
+
+
+def test_fetch_allowed_hosts_default_to_loopback() -> None:
+    loopback = (("localhost", None), ("127.0.0.1", None), ("::1", None))
+    assert Settings.from_env({}).fetch_allowed_hosts == loopback
+    assert Settings.from_env({"ORCH_FETCH_ALLOWED_HOSTS": " , "}).fetch_allowed_hosts == loopback
+
+
+def test_fetch_allowed_hosts_parse_names_ips_ports_and_subdomain_wildcards() -> None:
+    raw = "API.example.com., api.example.com:8443, *.shards.internal, 10.0.0.7, [::1]:8080, 0:0::1, db:5432"
+    assert Settings.from_env({"ORCH_FETCH_ALLOWED_HOSTS": raw}).fetch_allowed_hosts == (
+        ("api.example.com", None),
+        ("api.example.com", 8443),
+        ("*.shards.internal", None),
+        ("10.0.0.7", None),
+        ("::1", 8080),
+        ("::1", None),
+        ("db", 5432),
+    )
+    assert Settings.from_env({"ORCH_FETCH_ALLOWED_HOSTS": "*"}).fetch_allowed_hosts == (("*", None),)
 
 
 def test_worker_commands_are_the_documented_celery_commands(tmp_path: Path) -> None:
