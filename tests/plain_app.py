@@ -14,11 +14,11 @@ from pathlib import Path
 
 from celery import Celery
 
-from orchestrator.backend import ChordRecovery, SQLBackend
+from orchestrator.backend import ChordRecovery, SQLBackend, _Part
 
 
 class KillAfterCountBackend(SQLBackend):
-    def _count(self, group_id: str, task_id: str | None) -> tuple[int, int | None, bool, bool]:
+    def _count(self, group_id: str, task_id: str) -> _Part:
         counted = super()._count(group_id, task_id)
         marker = Path(os.environ.get("PLAIN_KILL_DIR", "")) / f"kill-{task_id}"
         if os.environ.get("PLAIN_KILL_DIR") and marker.exists():

@@ -173,11 +173,11 @@ def test_a_part_counted_with_its_outcome_commits_with_it_or_not_at_all(database_
     assert store.start_branches(job_id, [0, 1], sent) == {0: 1, 1: 1}
 
     # The outcome's transaction fails after counting: neither the outcome nor the count is kept.
-    counter = backend.part_counter(requests[0])
-    assert counter is not None
+    first = backend.part_counter(requests[0])
+    assert first is not None
 
     def count_then_fail(conn: Any) -> None:
-        counter(conn)
+        first(conn)
         raise RuntimeError("the database went away before the commit")
 
     with pytest.raises(RuntimeError):

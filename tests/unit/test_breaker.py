@@ -52,7 +52,7 @@ def test_open_refuses_without_calling_until_retry_at(url: str) -> None:
     b = make(url)
     for _ in range(3):
         fail(b)
-    called = []
+    called: list[int] = []
     with pytest.raises(CircuitOpen, match="circuit 'backend' is open until"):
         b.call(called.append, 1)
     assert called == []
