@@ -160,8 +160,8 @@ class OrchestratorSystem(System):
     def set_cpu_concurrency(self, processes: int) -> None:
         """Restart the cpu pool with `processes` prefork children (warm shutdown of the old one first).
 
-        The old worker must be gone before the new one connects: both are `cpu@host`, and the broker
-        refuses a second consumer on that node's exclusive control queue."""
+        The old worker is gone before the new one starts, so the two never share the cores being
+        measured."""
         old = self.workers.pop("cpu", None)
         if old is not None:
             old.stop(timeout=20)

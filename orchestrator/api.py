@@ -109,7 +109,6 @@ class Orchestrator:
         same = self.settings == celery_app.settings
         self.app = celery_app.app if same else celery_app.make_app(self.settings, set_as_current=False)
         self.store = Store(self.settings.database_url)
-        registry.load(self.settings.imports)
         if migrate is None:
             migrate = self.settings.is_sqlite  # the embedded default sets itself up
         if migrate:
@@ -120,6 +119,7 @@ class Orchestrator:
     # --- submit ------------------------------------------------------------------------------------
 
     def _validate(self, branches: Sequence[BranchSpec], fan_in: object, name: str | None) -> list[NewBranch]:
+        registry.load(self.settings.imports)  # only submit needs the catalog: reads and cancel work on rows
         if isinstance(branches, (str, bytes)) or not isinstance(branches, Sequence):
             raise InvalidJobSpec("branches must be a list of branch(...) specs")
         if not branches:

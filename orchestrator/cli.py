@@ -2,43 +2,114 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import difflib
 import json
 import os
 import shlex
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any, NoReturn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import click
-from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import DBAPIError
 
-from .display import console, print_job, styled, watch_job
+from .display import clean, console, make_console, print_job, print_table, safe, styled, watch_job
 from .errors import OrchestratorError
-from .models import JobState
+from .models import BreakerState, JobState
 from .settings import Settings
-from .views import JobView
+from .views import BreakerView, JobView
 
-err_console = Console(stderr=True)
+if TYPE_CHECKING:
+    from .api import Orchestrator
+
+err_console = make_console(stderr=True)
+
+# Exit codes of `submit --wait` and `watch`, so scripts can tell how a job ended without parsing output.
+EXIT_SUCCEEDED = 0
+EXIT_ERROR = 1  # a one-line `error:` on stderr: bad input, unknown job, unreachable database, --timeout
+EXIT_USAGE = 2  # click's code for a malformed command line or job spec file
+EXIT_PARTIAL = 3  # final, but some branches did not succeed
+EXIT_FAILED = 4  # final and failed or cancelled
+
+_EXIT_CODES = """
+  0  the job succeeded
+  1  error (bad input, unknown job, database unreachable, --timeout reached)
+  2  usage error (bad option, malformed spec file)
+  3  the job ended partial (some branches did not succeed)
+  4  the job failed or was cancelled
+"""
+_WATCH_EPILOG = "\b\nExit codes:" + _EXIT_CODES
+_SUBMIT_EPILOG = "\b\nExit codes with --wait (without it, 0 once the job is submitted):" + _EXIT_CODES
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+def _exit_code(state: str) -> int:
+    """How a final job maps onto the documented exit codes."""
+    if state == JobState.SUCCEEDED:
+        return EXIT_SUCCEEDED
+    return EXIT_PARTIAL if state == JobState.PARTIAL else EXIT_FAILED
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {safe(message)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
+def _database_error(exc: DBAPIError) -> str:
+    """One line about a database that cannot be used, from the driver's own words, password masked."""
+    from .database import redact
+
+    detail = " ".join(str(exc.orig if exc.orig is not None else exc).split()) or type(exc).__name__
+    try:
+        url = Settings.from_env().database_url
+    except OrchestratorError:
+        return redact(f"database error: {detail}", "")
+    return redact(f"cannot use the database {url}: {detail}", url)
+
+
 class _Group(click.Group):
-    """Turns every OrchestratorError into a one-line error and a non-zero exit, never a traceback."""
+    """Turns every OrchestratorError, and a database that is down or refuses us, into a one-line error
+    and a non-zero exit, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except OrchestratorError as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except DBAPIError as exc:
+            _fail(_database_error(exc))
 
 
-def _orchestrator() -> Any:
+@contextlib.contextmanager
+def _cwd_on_path() -> Iterator[None]:
+    """The current directory first on sys.path while catalog modules are imported, as celery does for
+    its workers (celery.utils.imports.cwd_in_path): `ORCH_IMPORTS=myjobs` finds ./myjobs.py for the
+    client exactly when it does for a worker started in the same directory."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the directory was removed under us: nothing to import from it
+        yield
+        return
+    if cwd in sys.path:
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(cwd)
+
+
+def _orchestrator() -> Orchestrator:
+    """The API client. Only its submit imports the catalog (ORCH_IMPORTS), so reads, cancel and breakers
+    keep working where a catalog module cannot be imported."""
     from .api import Orchestrator
 
     return Orchestrator()
@@ -54,6 +125,10 @@ def _parse_duration(text: str) -> timedelta:
         raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 12h or 7d") from None
 
 
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="celery-orchestrator")
 def main() -> None:
@@ -66,29 +141,62 @@ def main() -> None:
 @main.command()
 @click.argument("kind", type=click.Choice(["io", "cpu", "fanin"]))
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Pool size (default from ORCH_*).")
-def worker(kind: str, concurrency: int | None) -> None:
+@click.option(
+    "-n",
+    "--hostname",
+    metavar="NAME@HOST",
+    help="Celery node name; %h is the host name. Default KIND-PID@%h, unique per process, so several "
+    "pools of one kind can run on one host.",
+)
+def worker(kind: str, concurrency: int | None, hostname: str | None) -> None:
     """Start a worker pool: prints the exact celery command, then runs it."""
     from . import database
     from .embedded import celery_executable, worker_argv
 
+    if hostname is not None and not hostname.strip():
+        raise click.BadParameter("must not be empty", param_hint="--hostname")
     settings = Settings.from_env()
     if settings.is_sqlite:
         database.upgrade(settings.database_url)
-    argv = worker_argv(kind, settings, concurrency)
+    argv = worker_argv(kind, settings, concurrency, hostname)
     click.echo(shlex.join(argv), err=True)
     sys.stderr.flush()
     os.execv(celery_executable(), argv)
 
 
+def _check_flower_auth(value: str | None) -> None:
+    """Flower can revoke and kill tasks: refuse to start it without real credentials, including the
+    .env.example placeholders, which would be public knowledge."""
+    if not value:
+        raise click.UsageError("set FLOWER_BASIC_AUTH=user:password: Flower can revoke and kill tasks")
+    for pair in value.split(","):
+        user, sep, password = pair.partition(":")
+        if not sep or not user.strip() or not password.strip():
+            raise click.UsageError(
+                "FLOWER_BASIC_AUTH must be user:password (comma-separate several), each with a user "
+                "and a non-empty password"
+            )
+        if "change-me" in password.lower():
+            raise click.UsageError(
+                f"FLOWER_BASIC_AUTH: the password of {clean(user)!r} is the .env.example placeholder; "
+                "choose a real one"
+            )
+
+
 @main.command()
 @click.option("--port", envvar="FLOWER_PORT", default=5555, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--address", envvar="FLOWER_ADDRESS", default="0.0.0.0", show_default=True)
+@click.option(
+    "--address",
+    envvar="FLOWER_ADDRESS",
+    default="127.0.0.1",
+    show_default=True,
+    help="Where to listen (env FLOWER_ADDRESS); 0.0.0.0 for every interface, e.g. in a container.",
+)
 def flower(port: int, address: str) -> None:
     """Start Flower on the workers' broker; basic auth comes from FLOWER_BASIC_AUTH (user:password)."""
     from .embedded import celery_executable, flower_argv
 
-    if not os.environ.get("FLOWER_BASIC_AUTH"):
-        raise click.UsageError("set FLOWER_BASIC_AUTH=user:password: Flower can revoke and kill tasks")
+    _check_flower_auth(os.environ.get("FLOWER_BASIC_AUTH"))
     argv = flower_argv(port, address)
     click.echo(shlex.join(argv), err=True)
     sys.stderr.flush()
@@ -137,6 +245,10 @@ def db_prune(older_than: str | None) -> None:
 
 # --- jobs ------------------------------------------------------------------------------------------
 
+# What a JSON job spec may hold: anything else (a typo such as "dedline") is refused, not ignored.
+_SPEC_KEYS = ("branches", "fan_in", "name", "deadline", "min_success", "fan_in_timeout", "idempotency_key")
+_BRANCH_KEYS = ("task", "args", "kwargs")
+
 
 def _parse_value(text: str) -> Any:
     try:
@@ -150,6 +262,8 @@ def _branches_from_options(specs: tuple[tuple[str, ...], ...]) -> list[Any]:
 
     out = []
     for spec in specs:
+        if not spec:
+            raise click.BadParameter("a branch needs a task name", param_hint="--branch")
         task, *pairs = spec
         kwargs: dict[str, Any] = {}
         for pair in pairs:
@@ -161,27 +275,46 @@ def _branches_from_options(specs: tuple[tuple[str, ...], ...]) -> list[Any]:
     return out
 
 
+def _refuse_unknown_keys(where: str, given: Iterable[str], allowed: Sequence[str]) -> None:
+    for key in given:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise click.BadParameter(
+                f"{where}: unknown key {key!r}{hint}; expected {', '.join(allowed)}", param_hint="SPEC"
+            )
+
+
 def _branches_from_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
+    """A job spec file, checked for shape: unknown keys and wrongly typed branch entries are usage
+    errors (exit 2); the values themselves are checked by Orchestrator.submit like any other job."""
     from .api import branch
 
     try:
         spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise click.BadParameter(f"cannot read a JSON job spec from {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise click.BadParameter(
+            f"cannot read a JSON job spec from {path}: {exc}", param_hint="SPEC"
+        ) from None
     if not isinstance(spec, dict) or not isinstance(spec.get("branches"), list):
-        raise click.BadParameter(f"{path}: expected an object with a 'branches' list")
+        raise click.BadParameter(f"{path}: expected an object with a 'branches' list", param_hint="SPEC")
+    _refuse_unknown_keys(str(path), spec, _SPEC_KEYS)
     out = []
     for i, b in enumerate(spec["branches"]):
+        where = f"{path}: branch {i}"
         if not isinstance(b, dict) or "task" not in b:
-            raise click.BadParameter(f"{path}: branch {i} needs a 'task'")
-        out.append(branch(b["task"], *b.get("args", []), **b.get("kwargs", {})))
-    options = {
-        k: spec[k] for k in ("fan_in", "name", "deadline", "min_success", "fan_in_timeout") if k in spec
-    }
-    return out, options
+            raise click.BadParameter(f"{where} needs a 'task'", param_hint="SPEC")
+        _refuse_unknown_keys(where, b, _BRANCH_KEYS)
+        args, kwargs = b.get("args", []), b.get("kwargs", {})
+        if not isinstance(args, list):
+            raise click.BadParameter(f"{where}: 'args' must be a list", param_hint="SPEC")
+        if not isinstance(kwargs, dict):
+            raise click.BadParameter(f"{where}: 'kwargs' must be an object", param_hint="SPEC")
+        out.append(branch(b["task"], *args, **kwargs))
+    return out, {k: v for k, v in spec.items() if k != "branches"}
 
 
-@main.command()
+@main.command(epilog=_SUBMIT_EPILOG)
 @click.argument("spec", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "-b",
@@ -196,7 +329,12 @@ def _branches_from_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
 @click.option("--deadline", type=float, help="Seconds: then the fan-in runs with what finished.")
 @click.option("--min-success", type=int, help="Fail the job if fewer branches succeed.")
 @click.option("--fan-in-timeout", type=float, help="Soft time limit of the fan-in, seconds.")
-@click.option("--wait/--no-wait", default=False, help="Watch the job until it is final.")
+@click.option(
+    "--idempotency-key",
+    metavar="KEY",
+    help="Submit at most once per KEY: a repeat prints the id of the job the key already names.",
+)
+@click.option("--wait/--no-wait", default=False, help="Watch the job until it is final (see exit codes).")
 def submit(
     spec: Path | None,
     branch_opts: tuple[str, ...],
@@ -205,9 +343,16 @@ def submit(
     deadline: float | None,
     min_success: int | None,
     fan_in_timeout: float | None,
+    idempotency_key: str | None,
     wait: bool,
 ) -> None:
-    """Submit a job from a JSON spec file or from -b options."""
+    """Submit a job from a JSON spec file or from -b options; prints its id.
+
+    A spec file is {"branches": [{"task": ..., "args": [...], "kwargs": {...}}], "fan_in": ...,
+    "name": ..., "deadline": ..., "min_success": ..., "fan_in_timeout": ..., "idempotency_key": ...};
+    options given on the command line win over the file's. Catalog modules (ORCH_IMPORTS) are imported
+    from the current directory too, as the workers import them.
+    """
     options: dict[str, Any] = {}
     if spec is not None and branch_opts:
         raise click.UsageError("give either a spec file or --branch options, not both")
@@ -216,19 +361,30 @@ def submit(
     else:
         branches = _branches_from_options(tuple(tuple(shlex.split(b)) for b in branch_opts))
     orc = _orchestrator()
-    view = orc.submit(
-        branches,
-        fan_in=fan_in or options.get("fan_in", "jobs.aggregate.collect"),
-        name=name or options.get("name"),
-        deadline=deadline if deadline is not None else options.get("deadline"),
-        min_success=min_success if min_success is not None else options.get("min_success"),
-        fan_in_timeout=fan_in_timeout if fan_in_timeout is not None else options.get("fan_in_timeout"),
-    )
+    with _cwd_on_path():
+        view = orc.submit(
+            branches,
+            fan_in=fan_in or options.get("fan_in", "jobs.aggregate.collect"),
+            name=name or options.get("name"),
+            deadline=deadline if deadline is not None else options.get("deadline"),
+            min_success=min_success if min_success is not None else options.get("min_success"),
+            fan_in_timeout=fan_in_timeout if fan_in_timeout is not None else options.get("fan_in_timeout"),
+            idempotency_key=idempotency_key
+            if idempotency_key is not None
+            else options.get("idempotency_key"),
+        )
     click.echo(view.id)
     if wait:
         final = watch_job(orc, view.id)
         print_job(final)
-        sys.exit(0 if final.state in ("succeeded", "partial") else 1)
+        sys.exit(_exit_code(final.state))
+
+
+def _job_dict(view: JobView, *, branches: bool = True) -> dict[str, Any]:
+    out = dataclasses.asdict(view)
+    if not branches:  # listings do not read branches: an empty list would claim there are none
+        del out["branches"]
+    return out
 
 
 @main.command()
@@ -238,15 +394,9 @@ def status(job_id: str, as_json: bool) -> None:
     """Show a job and its branches."""
     view = _orchestrator().get(job_id)
     if as_json:
-        click.echo(json.dumps(_view_dict(view), indent=2, default=str))
+        _echo_json(_job_dict(view))
     else:
         print_job(view)
-
-
-def _view_dict(view: JobView) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(view)
 
 
 @main.command("list")
@@ -255,21 +405,34 @@ def _view_dict(view: JobView) -> dict[str, Any]:
     type=click.Choice([s.value for s in JobState]),
 )
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
-def list_jobs(state: str | None, limit: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a JSON list).")
+def list_jobs(state: str | None, limit: int, as_json: bool) -> None:
     """List jobs, newest first."""
+    views = _orchestrator().list(state=state, limit=limit)
+    if as_json:
+        _echo_json([_job_dict(v, branches=False) for v in views])
+        return
     table = Table()
-    table.add_column("id", no_wrap=True, min_width=36)  # ids are copied from here: never wrapped
-    table.add_column("name", overflow="ellipsis", no_wrap=True, max_width=16)
-    for header in ("state", "branches", "created", "secs"):
+    # ids are copied and states grepped from here: never shortened. Names are cut in a terminal only.
+    table.add_column("id", no_wrap=True, min_width=36)
+    table.add_column("name", no_wrap=True, overflow="ellipsis", max_width=16 if console.is_terminal else None)
+    table.add_column("state", no_wrap=True, min_width=max(len(s) for s in JobState))
+    for header in ("branches", "created", "secs"):
         table.add_column(header, no_wrap=True)
-    for v in _orchestrator().list(state=state, limit=limit):
+    for v in views:
         seconds = f"{v.duration:.3f}" if v.duration is not None else "-"
-        table.add_row(v.id, v.name or "", styled(v.state), f"{v.branch_done}/{v.branch_total}",
-                      v.created_at.strftime("%m-%d %H:%M:%S"), seconds)  # fmt: skip
-    console.print(table)
+        table.add_row(
+            v.id,
+            safe(v.name or ""),
+            styled(v.state),
+            f"{v.branch_done}/{v.branch_total}",
+            v.created_at.strftime("%m-%d %H:%M:%S"),
+            seconds,
+        )
+    print_table(table)
 
 
-@main.command()
+@main.command(epilog=_WATCH_EPILOG)
 @click.argument("job_id")
 @click.option("--timeout", type=float, help="Give up after this many seconds (exit 1).")
 def watch(job_id: str, timeout: float | None) -> None:
@@ -277,7 +440,7 @@ def watch(job_id: str, timeout: float | None) -> None:
     orc = _orchestrator()
     final = watch_job(orc, job_id, timeout)
     print_job(final)
-    sys.exit(0 if final.state in ("succeeded", "partial") else 1)
+    sys.exit(_exit_code(final.state))
 
 
 @main.command()
@@ -289,30 +452,76 @@ def cancel(job_id: str) -> None:
     click.echo(f"job {view.id} cancelled ({counts})")
 
 
+def _print_breakers(views: list[BreakerView]) -> None:
+    table = Table()
+    # Names are what --reset takes: never shortened, like the states.
+    table.add_column("name", no_wrap=True, min_width=max((len(clean(b.name)) for b in views), default=4))
+    table.add_column("state", no_wrap=True, min_width=max(len(s) for s in BreakerState))
+    for header in ("failures", "threshold", "reset after", "retry at", "updated"):
+        table.add_column(header, no_wrap=True)
+    for b in views:
+        retry = b.retry_at.strftime("%H:%M:%S.%f")[:-3] if b.retry_at else "-"
+        table.add_row(
+            safe(b.name),
+            styled(b.state),
+            str(b.failure_count),
+            str(b.failure_threshold),
+            f"{b.reset_timeout:g}s",
+            retry,
+            b.updated_at.strftime("%H:%M:%S"),
+        )
+    print_table(table)
+
+
 @main.command()
 @click.option("--reset", "reset_name", metavar="NAME", help="Close the breaker NAME now.")
-def breakers(reset_name: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def breakers(reset_name: str | None, as_json: bool) -> None:
     """Show the circuit breakers every worker shares (or reset one)."""
     orc = _orchestrator()
     if reset_name is not None:
         view = orc.reset_breaker(reset_name)
-        click.echo(f"breaker {view.name} is {view.state}")
+        if as_json:
+            _echo_json(dataclasses.asdict(view))
+        else:
+            click.echo(f"breaker {clean(view.name)} is {view.state}")
         return
-    table = Table("name", "state", "failures", "threshold", "reset after", "retry at", "updated")
-    for b in orc.breakers():
-        retry = b.retry_at.strftime("%H:%M:%S.%f")[:-3] if b.retry_at else "-"
-        table.add_row(b.name, styled(b.state), str(b.failure_count), str(b.failure_threshold),
-                      f"{b.reset_timeout:g}s", retry, b.updated_at.strftime("%H:%M:%S"))  # fmt: skip
-    console.print(table)
+    views = orc.breakers()
+    if as_json:
+        _echo_json([dataclasses.asdict(b) for b in views])
+    else:
+        _print_breakers(views)
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """One thread per connection: a client that connects and sends nothing holds its own thread until
+    the handler's timeout, never the scrapes of everyone else."""
+
+    daemon_threads = True  # a hung connection never keeps the process from exiting
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (TimeoutError, ConnectionError)):
+            return  # an idle or vanished client: nothing worth a traceback
+        super().handle_error(request, client_address)
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    timeout = 10.0  # seconds a client may take to send its request before its connection is dropped
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 @main.command()
 @click.option("--port", default=9808, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--address", default="0.0.0.0", show_default=True)
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Where to listen; 0.0.0.0 for every interface (Prometheus on another host, a container).",
+)
 def metrics(port: int, address: str) -> None:
     """Serve Prometheus metrics read from SQL (jobs, branches, durations, breakers, queue depth)."""
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
-
     from prometheus_client import CollectorRegistry, make_wsgi_app
 
     from .metrics import SQLCollector
@@ -320,12 +529,9 @@ def metrics(port: int, address: str) -> None:
     orc = _orchestrator()
     registry = CollectorRegistry()
     registry.register(SQLCollector(orc.settings, orc.app))
-
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = make_server(address, port, make_wsgi_app(registry), handler_class=Quiet)
+    server = make_server(
+        address, port, make_wsgi_app(registry), server_class=_MetricsServer, handler_class=_MetricsHandler
+    )
     click.echo(f"serving metrics on http://{address}:{server.server_port}/metrics", err=True)
     server.serve_forever()
 

@@ -24,7 +24,16 @@ from .settings import Settings
 KINDS = ("io", "cpu", "fanin")
 
 
-def worker_argv(kind: str, settings: Settings, concurrency: int | None = None) -> list[str]:
+def default_hostname(kind: str) -> str:
+    """`KIND-PID@%h`: unique per process, so two pools of one kind can share a host (the broker refuses a
+    second consumer of a node's control queue), and still grouped by kind in Flower and `celery inspect`.
+    `orchestrator worker` execs celery in place, so PID is the worker's own process id."""
+    return f"{kind}-{os.getpid()}@%h"
+
+
+def worker_argv(
+    kind: str, settings: Settings, concurrency: int | None = None, hostname: str | None = None
+) -> list[str]:
     """The celery command line for one pool; `orchestrator worker KIND` prints and runs it."""
     if kind == "io":
         queue, pool, default = settings.io_queue, settings.io_pool, settings.io_concurrency
@@ -35,14 +44,14 @@ def worker_argv(kind: str, settings: Settings, concurrency: int | None = None) -
     else:
         raise OrchestratorError(f"unknown worker kind {kind!r}: expected one of {', '.join(KINDS)}")
     return [
-        "celery", "-A", "orchestrator.celery_app", "worker",
-        "-Q", queue, "-P", pool, "-c", str(concurrency or default),
-        "-n", f"{kind}@%h", "-l", settings.log_level,
-        "--without-mingle", "--without-gossip",
-    ]  # fmt: skip
+        *("celery", "-A", "orchestrator.celery_app", "worker"),
+        *("-Q", queue, "-P", pool, "-c", str(concurrency or default)),
+        *("-n", hostname or default_hostname(kind), "-l", settings.log_level),
+        *("--without-mingle", "--without-gossip"),
+    ]
 
 
-def flower_argv(port: int = 5555, address: str = "0.0.0.0") -> list[str]:
+def flower_argv(port: int = 5555, address: str = "127.0.0.1") -> list[str]:
     """Flower reads FLOWER_BASIC_AUTH (and every other FLOWER_* option) from the environment itself."""
     return ["celery", "-A", "orchestrator.celery_app", "flower", f"--port={port}", f"--address={address}"]
 
@@ -73,7 +82,10 @@ class WorkerProcess:
 
     @property
     def argv(self) -> list[str]:
-        return [str(a) for a in self.process.args]  # type: ignore[union-attr]
+        args = self.process.args
+        if isinstance(args, (str, bytes, os.PathLike)):
+            return [os.fsdecode(args)]
+        return [os.fsdecode(a) for a in args]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -148,11 +160,14 @@ def start_worker(
     log_dir: Path,
     concurrency: int | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    hostname: str | None = None,
 ) -> WorkerProcess:
-    """Start `orchestrator worker KIND` as a child process."""
+    """Start `orchestrator worker KIND` as a child process (node name `KIND-PID@host` unless given)."""
     argv = [*orchestrator_executable(), "worker", kind]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
+    if hostname is not None:
+        argv += ["--hostname", hostname]
     return spawn(argv, name=kind, log_dir=log_dir, env=env, cwd=cwd)
 
 

@@ -46,9 +46,9 @@ SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e6
 PROJECT_SERVICES = {MIGRATE_SERVICE, *WORKER_SERVICES.values(), FLOWER_SERVICE}
 PROJECT_COMMANDS = {
     MIGRATE_SERVICE: ["orchestrator", "db", "upgrade"],
-    "worker-io": ["orchestrator", "worker", "io"],
-    "worker-cpu": ["orchestrator", "worker", "cpu"],
-    "worker-fanin": ["orchestrator", "worker", "fanin"],
+    "worker-io": ["orchestrator", "worker", "io", "--hostname", "io@%h"],
+    "worker-cpu": ["orchestrator", "worker", "cpu", "--hostname", "cpu@%h"],
+    "worker-fanin": ["orchestrator", "worker", "fanin", "--hostname", "fanin@%h"],
     FLOWER_SERVICE: ["orchestrator", "flower"],
 }
 SECRET_KEY = re.compile(r"PASS|PASSWORD|SECRET|TOKEN|BASIC_AUTH", re.IGNORECASE)
@@ -121,12 +121,15 @@ def test_worker_commands_are_what_the_tests_start(
     prefix = embedded.orchestrator_executable()
     for kind in KINDS:
         service = services[WORKER_SERVICES[kind]]
-        embedded.start_worker(kind, env={}, log_dir=tmp_path)._log.close()
+        # One pool per container, so the compose command names its node KIND@%h (outside a container
+        # `orchestrator worker` defaults to KIND-PID@%h, so that two pools of a kind can share a host).
+        name = f"{kind}@%h"  # %h is the host name, $HOSTNAME in a container
+        embedded.start_worker(kind, env={}, log_dir=tmp_path, hostname=name)._log.close()
         argv = started.pop()
         assert argv[: len(prefix)] == prefix
         assert ["orchestrator", *argv[len(prefix) :]] == service["command"]
-        node = worker_argv(kind, settings)
-        name = node[node.index("-n") + 1]  # io@%h: %h is the host name, $HOSTNAME in a container
+        node = worker_argv(kind, settings, hostname=name)
+        assert node[node.index("-n") + 1] == name
         test = service["healthcheck"]["test"]
         assert test[0] == "CMD-SHELL" and "inspect ping" in test[1]
         assert f"-d {name.replace('%h', '$$HOSTNAME')} " in test[1] + " "
@@ -200,7 +203,7 @@ def test_container_hosts_become_the_local_services() -> None:
     service = compose_service(
         "worker-io", database_url="postgresql://local/db", broker_url="amqp://local//", variables=variables
     )
-    assert service.command == ["orchestrator", "worker", "io"]
+    assert service.command == ["orchestrator", "worker", "io", "--hostname", "io@%h"]
     assert service.environment["ORCH_DATABASE_URL"] == "postgresql://local/db"
     assert service.environment["ORCH_BROKER_URL"] == "amqp://local//"
     assert service.environment["ORCH_IO_CONCURRENCY"] == "64"

@@ -64,8 +64,8 @@ def test_the_compose_services_run_a_job(stack: LocalStack) -> None:
     assert " is at head" in stack.migrate_output  # the compose `migrate` command ran first
     prefix = orchestrator_executable()
     for kind, name in WORKER_SERVICES.items():
-        assert stack.services[name].command == ["orchestrator", "worker", kind]
-        assert stack.processes[name].argv == [*prefix, "worker", kind]
+        assert stack.services[name].command == ["orchestrator", "worker", kind, "--hostname", f"{kind}@%h"]
+        assert stack.processes[name].argv == [*prefix, "worker", kind, "--hostname", f"{kind}@%h"]
     orc = Orchestrator(Settings.from_env(stack.env["worker-io"]), migrate=False)
     try:
         job = orc.submit(
