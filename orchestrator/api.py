@@ -16,10 +16,10 @@ from celery import chord, group
 
 from . import breaker, database, registry
 from .errors import ArgumentsNotSerializable, InvalidJobSpec, JobAlreadyFinal, PublishError, WaitTimeout
-from .models import FINAL_JOB_STATES, BranchState, JobState
+from .models import FINAL_JOB_STATES, BranchState, JobState, utcnow
 from .registry import TaskKind, TaskSpec
 from .settings import Settings
-from .store import NewBranch, Store, parse_job_id, utcnow
+from .store import NewBranch, Store, parse_job_id
 from .views import BranchView, BreakerView, JobView
 
 _NAME_MAX = 200

@@ -15,7 +15,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from celery import bootsteps, maybe_signature
@@ -24,7 +24,6 @@ from celery.exceptions import ChordError, ImproperlyConfigured
 from celery.result import GroupResult, allow_join_result
 from sqlalchemy import (
     Connection,
-    DateTime,
     Engine,
     String,
     and_,
@@ -36,11 +35,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
-from .database import get_engine
-from .models import FINAL_JOB_STATES, ChordCounter, ChordPart, Job, ResultRecord
-from .store import require_positive_age, utcnow
+from .database import dialect, get_engine
+from .models import FINAL_JOB_STATES, ChordCounter, ChordPart, Job, ResultRecord, UTCDateTime, cutoff, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +61,7 @@ class _Part:
 
 _GID = bindparam("gid", type_=String)
 _TID = bindparam("tid", type_=String)
-_NOW = bindparam("now", type_=DateTime(timezone=True))
+_NOW = bindparam("now", type_=UTCDateTime())
 _COUNTER = select(ChordCounter.done, ChordCounter.total, ChordCounter.fired).where(
     ChordCounter.group_id == _GID
 )
@@ -125,7 +122,7 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         self._sizes: dict[str, int] = {}  # chord sizes this process stored in apply_chord
         #: Seconds after which a publish claim whose worker never marked the body sent may be taken over.
         self.publish_lease = float(self.app.conf.get("chord_publish_lease") or 30.0)
-        self._insert = (postgresql if url.startswith("postgres") else sqlite).insert
+        self._insert = dialect(url).insert
         self._insert_part = (
             self._insert(ChordPart)
             .values(group_id=_GID, task_id=_TID)
@@ -366,13 +363,13 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         removed. A join is removed once its body was published, or when it is an orchestrator job's join
         and the job is final (a cancelled job's chord never completes) or gone; a running chord's join
         and its group's result are never removed, however old: without them the job could never end."""
-        cutoff: datetime = utcnow() - require_positive_age(older_than)
+        before = cutoff(older_than)
         with self.engine.begin() as conn:
             done = [
                 row.group_id
                 for row in conn.execute(
                     select(ChordCounter.group_id, ChordCounter.fired, ChordCounter.body).where(
-                        ChordCounter.created_at < cutoff
+                        ChordCounter.created_at < before
                     )
                 ).all()
                 if row.fired or self._job_is_over(conn, row.body)
@@ -387,7 +384,7 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
             )
             removed += conn.execute(
                 delete(ResultRecord).where(
-                    ResultRecord.updated_at < cutoff, ResultRecord.key.not_in(waiting_groups)
+                    ResultRecord.updated_at < before, ResultRecord.key.not_in(waiting_groups)
                 )
             ).rowcount
         return int(removed)

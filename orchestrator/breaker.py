@@ -20,13 +20,11 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, case, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from .database import get_engine
+from .database import dialect, get_engine
 from .errors import BreakerNotFound, CircuitOpen, ConfigurationError
-from .models import Breaker, BreakerState
-from .store import utcnow
-from .views import BreakerView, aware
+from .models import Breaker, BreakerState, utcnow
+from .views import BreakerView
 
 T = TypeVar("T")
 
@@ -84,7 +82,7 @@ class CircuitBreaker:
                 raise ConfigurationError(f"{what} must be positive, got {value!r}")
         if self.cache_ttl < 0:
             raise ConfigurationError(f"cache_ttl must be >= 0, got {self.cache_ttl!r}")
-        self._insert = (postgresql if self.database_url.startswith("postgres") else sqlite).insert
+        self._insert = dialect(self.database_url).insert
         self._snapshot: _Snapshot | None = None
         self._declared_in: int | None = None  # pid of the process that upserted our configuration
         self._local = threading.local()
@@ -128,7 +126,7 @@ class CircuitBreaker:
     def _remember(
         self, state: str, failures: int, retry_at: datetime | None, probe_started_at: datetime | None
     ) -> _Snapshot:
-        snap = _Snapshot(state, failures, aware(retry_at), aware(probe_started_at), time.monotonic())
+        snap = _Snapshot(state, failures, retry_at, probe_started_at, time.monotonic())
         self._snapshot = snap
         return snap
 
@@ -296,8 +294,6 @@ def get_breaker(name: str) -> CircuitBreaker:
 
 
 def _breaker_view(row: Any) -> BreakerView:
-    updated = aware(row.updated_at)
-    assert updated is not None
     return BreakerView(
         name=row.name,
         state=row.state,
@@ -305,10 +301,10 @@ def _breaker_view(row: Any) -> BreakerView:
         failure_threshold=row.failure_threshold,
         reset_timeout=row.reset_timeout,
         probe_lease=row.probe_lease,
-        opened_at=aware(row.opened_at),
-        retry_at=aware(row.retry_at),
-        probe_started_at=aware(row.probe_started_at),
-        updated_at=updated,
+        opened_at=row.opened_at,
+        retry_at=row.retry_at,
+        probe_started_at=row.probe_started_at,
+        updated_at=row.updated_at,
     )
 
 

@@ -1,4 +1,5 @@
-"""Engines, one per database URL per process, never shared across a fork; and schema upgrades.
+"""The one database seam: engines (one per URL per process, never shared across a fork), every
+PostgreSQL/SQLite difference (`Dialect`), and schema upgrades.
 
 Celery's prefork pool forks after import, and a pooled connection used by two processes corrupts both,
 so engines are created lazily and forgotten in every forked child.
@@ -9,11 +10,26 @@ from __future__ import annotations
 import os
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Float,
+    Text,
+    bindparam,
+    cast,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
 from .errors import ConfigurationError, SchemaNotReady
@@ -21,6 +37,43 @@ from .errors import ConfigurationError, SchemaNotReady
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 _MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+_NOTIFY = select(func.pg_notify(bindparam("channel", type_=Text), bindparam("payload", type_=Text)))
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the databases the orchestrator runs on, in one place."""
+
+    name: str
+
+    @property
+    def notifies(self) -> bool:
+        """True when a transaction can announce a change to listeners (PostgreSQL NOTIFY)."""
+        return self.name == "postgresql"
+
+    def insert(self, table: Any) -> Any:
+        """An INSERT with the database's own upsert clauses (on_conflict_do_nothing / _update)."""
+        return (postgresql if self.name == "postgresql" else sqlite).insert(table)
+
+    def notify(self, conn: Connection, channel: str, payload: str) -> None:
+        """Announce `payload` on `channel` when the transaction commits; nothing where it cannot."""
+        if self.notifies:
+            conn.execute(_NOTIFY, {"channel": channel, "payload": payload})
+
+    def seconds_between(self, start: Any, end: Any) -> ColumnElement[Any]:
+        """`end - start` in seconds, in the database's own date arithmetic."""
+        if self.name == "sqlite":
+            return cast((func.julianday(end) - func.julianday(start)) * 86400.0, Float)
+        return func.extract("epoch", end - start)
+
+
+def dialect(url_or_bind: str | Engine | Connection) -> Dialect:
+    """The Dialect of a database URL, engine or connection."""
+    if isinstance(url_or_bind, str):
+        return Dialect("sqlite" if url_or_bind.startswith("sqlite") else "postgresql")
+    return Dialect(url_or_bind.dialect.name)
 
 
 def _forget_engines_after_fork() -> None:

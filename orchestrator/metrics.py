@@ -11,22 +11,15 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import ColumnElement, Float, case, cast, func, select
+from sqlalchemy import case, func, select
 
 from .breaker import list_views
-from .database import get_engine
+from .database import dialect, get_engine
 from .models import Branch, BreakerState, Job, JobState
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-
-
-def _seconds(dialect: str) -> ColumnElement[Any]:
-    """A branch's duration in seconds, in the database's own date arithmetic."""
-    if dialect == "sqlite":
-        return cast((func.julianday(Branch.finished_at) - func.julianday(Branch.started_at)) * 86400.0, Float)
-    return func.extract("epoch", Branch.finished_at - Branch.started_at)
 
 
 class SQLCollector(Collector):
@@ -52,7 +45,7 @@ class SQLCollector(Collector):
                 branches.add_metric([row[0], row[1]], row[2])
             yield branches
 
-            seconds = _seconds(engine.dialect.name)
+            seconds = dialect(engine).seconds_between(Branch.started_at, Branch.finished_at)
             columns = [func.sum(case((seconds <= b, 1), else_=0)) for b in BUCKETS]
             hist = HistogramMetricFamily(
                 "orchestrator_branch_duration_seconds", "Branch run time, last attempt", labels=["task"]

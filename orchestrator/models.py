@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -18,9 +18,12 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     Uuid,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from .errors import InvalidArgument
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -29,6 +32,32 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+def utcnow() -> datetime:
+    """The one clock every timestamp column is written from: aware, UTC."""
+    return datetime.now(UTC)
+
+
+def cutoff(age: timedelta) -> datetime:
+    """When rows older than `age` end: retention ages must be positive (zero or less would reach into the
+    future and prune what is still running)."""
+    if age <= timedelta(0):
+        raise InvalidArgument(f"a retention age must be positive, got {age}")
+    return utcnow() - age
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone=True timestamp that always reads back aware: SQLite returns naive datetimes even for
+    such columns, and everything written here is UTC (`utcnow`)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
 
 
 class JobState(enum.StrEnum):
@@ -73,14 +102,14 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
     fan_in: Mapped[str] = mapped_column(String(200))
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
-    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     min_success: Mapped[int | None] = mapped_column(Integer)
     fan_in_timeout: Mapped[float | None] = mapped_column()
     branch_total: Mapped[int] = mapped_column(Integer)
     branch_done: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     result: Mapped[Any | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
 
@@ -104,8 +133,8 @@ class Branch(Base):
     state: Mapped[str] = mapped_column(String(16), default=BranchState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     celery_task_id: Mapped[str | None] = mapped_column(String(64))
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     result: Mapped[Any | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     late: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -120,7 +149,7 @@ class ResultRecord(Base):
 
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     value: Mapped[bytes] = mapped_column(LargeBinary)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class ChordCounter(Base):
@@ -133,11 +162,11 @@ class ChordCounter(Base):
     total: Mapped[int | None] = mapped_column(Integer)
     # The part that reached the total claims the publish in the same transaction as its increment.
     claimed_by: Mapped[str | None] = mapped_column(String(255))
-    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     fired: Mapped[bool] = mapped_column(Boolean, default=False)
     # The body's signature, so a body whose publisher died can be published by another worker.
     body: Mapped[Any | None] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class ChordPart(Base):
@@ -160,8 +189,8 @@ class Breaker(Base):
     failure_threshold: Mapped[int] = mapped_column(Integer)
     reset_timeout: Mapped[float] = mapped_column()
     probe_lease: Mapped[float] = mapped_column()
-    opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     probe_token: Mapped[str | None] = mapped_column(String(64))
-    probe_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    probe_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

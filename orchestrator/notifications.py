@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Text, bindparam, func, select
+from sqlalchemy import Connection, Engine
 
-_NOTIFY = select(func.pg_notify(bindparam("channel", type_=Text), bindparam("payload", type_=Text)))
+from .database import dialect
 
 
 def channel(job_id: uuid.UUID) -> str:
@@ -22,8 +22,7 @@ def channel(job_id: uuid.UUID) -> str:
 
 def announce(conn: Connection, job_id: uuid.UUID, state: str) -> None:
     """Inside the transaction that makes a job final; a no-op where the database has no NOTIFY."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(_NOTIFY, {"channel": channel(job_id), "payload": str(state)})
+    dialect(conn).notify(conn, channel(job_id), str(state))
 
 
 @contextmanager

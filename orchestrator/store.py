@@ -11,13 +11,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
     Connection,
-    DateTime,
     Engine,
     Integer,
     Text,
@@ -32,9 +31,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from . import notifications
-from .database import get_engine
-from .errors import InvalidArgument, JobNotFound
-from .models import FINAL_JOB_STATES, Branch, BranchState, Job, JobState
+from .database import dialect, get_engine
+from .errors import JobNotFound
+from .models import FINAL_JOB_STATES, Branch, BranchState, Job, JobState, UTCDateTime, cutoff, utcnow
 from .views import BranchOutcome, JobView, branch_view, job_view
 
 T = TypeVar("T")
@@ -43,7 +42,7 @@ AlsoInTransaction = Callable[[Connection], T]
 
 _ACTIVE = (BranchState.PENDING, BranchState.RUNNING)
 _STOPPED = (BranchState.TIMED_OUT, BranchState.CANCELLED)
-_NOW = bindparam("now", type_=DateTime(timezone=True))
+_NOW = bindparam("now", type_=UTCDateTime())
 _JOB = bindparam("job", type_=Job.__table__.c.id.type)
 _IDX = bindparam("idx", type_=Integer)
 _RESULT = bindparam("b_result", type_=JSON)
@@ -137,10 +136,6 @@ _FINALIZE = (
 )  # fmt: skip
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 @dataclass(frozen=True)
 class NewBranch:
     task: str
@@ -188,13 +183,6 @@ class StoppedBranch:
     queue: str
     celery_task_id: str | None
     was_running: bool
-
-
-def require_positive_age(age: timedelta) -> timedelta:
-    """Retention ages must be positive: a zero or negative age would reach into the future."""
-    if age <= timedelta(0):
-        raise InvalidArgument(f"a retention age must be positive, got {age}")
-    return age
 
 
 def parse_job_id(job_id: str | uuid.UUID) -> uuid.UUID:
@@ -503,7 +491,7 @@ class Store:
     @property
     def notifies(self) -> bool:
         """True when final moves are announced (PostgreSQL NOTIFY), so waiting needs no polling."""
-        return self.engine.dialect.name == "postgresql"
+        return dialect(self.engine).notifies
 
     def final_notifications(
         self, job_id: uuid.UUID
@@ -543,10 +531,10 @@ class Store:
     def prune(self, older_than: timedelta) -> int:
         """Delete final jobs (and their branches) that finished before now - older_than. Unfinished jobs
         are never pruned, however old."""
-        cutoff = utcnow() - require_positive_age(older_than)
+        before = cutoff(older_than)
         with self.engine.begin() as conn:
             return int(
                 conn.execute(
-                    delete(Job).where(Job.finished_at < cutoff, Job.state.in_(FINAL_JOB_STATES))
+                    delete(Job).where(Job.finished_at < before, Job.state.in_(FINAL_JOB_STATES))
                 ).rowcount
             )

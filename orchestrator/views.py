@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from .models import FINAL_JOB_STATES
@@ -104,13 +104,6 @@ class BreakerView:
     updated_at: datetime
 
 
-def aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes even for timezone=True columns; everything we write is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def branch_view(row: Any) -> BranchView:
     """A `branches` row as a view."""
     return BranchView(
@@ -121,8 +114,8 @@ def branch_view(row: Any) -> BranchView:
         state=row.state,
         attempts=row.attempts,
         celery_task_id=row.celery_task_id,
-        started_at=aware(row.started_at),
-        finished_at=aware(row.finished_at),
+        started_at=row.started_at,
+        finished_at=row.finished_at,
         result=row.result,
         error=row.error,
         late=row.late,
@@ -131,8 +124,6 @@ def branch_view(row: Any) -> BranchView:
 
 def job_view(row: Any, branches: Sequence[Any]) -> JobView:
     """A `jobs` row (and its `branches` rows) as a view."""
-    created = aware(row.created_at)
-    assert created is not None
     return JobView(
         id=str(row.id),
         name=row.name,
@@ -140,10 +131,10 @@ def job_view(row: Any, branches: Sequence[Any]) -> JobView:
         fan_in=row.fan_in,
         branch_total=row.branch_total,
         branch_done=row.branch_done,
-        created_at=created,
-        started_at=aware(row.started_at),
-        finished_at=aware(row.finished_at),
-        deadline_at=aware(row.deadline_at),
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        deadline_at=row.deadline_at,
         result=row.result,
         error=row.error,
         branches=tuple(branch_view(b) for b in branches),

@@ -14,8 +14,8 @@ from sqlalchemy import func, select, update
 
 from orchestrator import InvalidArgument, branch, database
 from orchestrator.embedded import orchestrator_executable
-from orchestrator.models import Branch, ChordCounter, ChordPart, Job, JobState, ResultRecord
-from orchestrator.store import NewBranch, Store, utcnow
+from orchestrator.models import Branch, ChordCounter, ChordPart, Job, JobState, ResultRecord, utcnow
+from orchestrator.store import NewBranch, Store
 from tests.conftest import Stack, base_env
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ from sqlalchemy import update
 
 from orchestrator import Orchestrator
 from orchestrator.metrics import SQLCollector
-from orchestrator.models import Branch, BranchState
-from orchestrator.store import NewBranch, SentAs, utcnow
+from orchestrator.models import Branch, BranchState, utcnow
+from orchestrator.store import NewBranch, SentAs
 
 
 def test_collect_on_sqlite(embedded_orc: Orchestrator) -> None:
