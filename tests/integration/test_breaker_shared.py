@@ -1,4 +1,7 @@
-"""One breaker shared by real OS processes and by the workers: conditional UPDATEs under contention."""
+"""One breaker shared by real OS processes and by the workers: conditional UPDATEs under contention.
+
+The state machine's own behaviour, on each storage, is tested by BreakerContract (tests/unit/test_breaker.py
+and tests/integration/test_breaker_storage.py); this module tests what only real processes show."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from typing import Any
 import pytest
 
 from orchestrator import CircuitBreaker, CircuitOpen, branch
-from orchestrator.demo import local_http_server
+from orchestrator.breaker_storage import SQLBreakerStorage
+from orchestrator.cli.demo import local_http_server
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.integration
@@ -22,7 +26,7 @@ fork = multiprocessing.get_context("fork")  # cheap children; engines are never 
 
 def breaker(url: str, **config: Any) -> CircuitBreaker:
     options = {"failure_threshold": 2, "reset_timeout": 0.5, "probe_lease": 5.0, "cache_ttl": 0.0, **config}
-    return CircuitBreaker("shared", database_url=url, **options)
+    return CircuitBreaker("shared", storage=SQLBreakerStorage(url), **options)
 
 
 def _caller(url: str, start_at: float, backend_log: str, results: Any, asked: Any) -> None:
