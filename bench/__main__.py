@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from orchestrator.testing import ServiceError
+
 from . import plot, report
 from .modes import MODES
 from .runner import SYSTEM_KEYS, run
 from .scenarios import SCENARIOS
-from .services import ServiceError
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

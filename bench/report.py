@@ -21,9 +21,18 @@ from .stats import summarize
 
 SCHEMA = 1
 PACKAGES = (
-    "celery-orchestrator", "celery", "kombu", "billiard", "amqp", "redis", "SQLAlchemy", "psycopg",
-    "alembic", "gevent", "matplotlib",
-)  # fmt: skip
+    "celery-orchestrator",
+    "celery",
+    "kombu",
+    "billiard",
+    "amqp",
+    "redis",
+    "SQLAlchemy",
+    "psycopg",
+    "alembic",
+    "gevent",
+    "matplotlib",
+)
 
 
 def package_versions() -> dict[str, str | None]:
