@@ -20,6 +20,8 @@ WORKDIR /src
 # Only what `pip install .` needs (see .dockerignore): no tests, no .env, no .git.
 COPY pyproject.toml README.md ./
 COPY orchestrator ./orchestrator
+# The Alembic scripts: the package ships them as orchestrator/migrations, for `orchestrator db upgrade`.
+COPY alembic ./alembic
 COPY jobs ./jobs
 # Optional extras of the project, comma-separated (e.g. gevent).
 ARG EXTRAS=""

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from jobs.cpu import count_primes
 from orchestrator import CircuitBreaker, CircuitOpen
-from orchestrator.demo import local_http_server
+from orchestrator.cli.demo import local_http_server
 
 from .modes import Mode
 from .stats import summarize

@@ -21,7 +21,7 @@ from celery import chord
 from celery.result import AsyncResult
 
 from orchestrator import JobView, Orchestrator, Settings, branch
-from orchestrator.embedded import (
+from orchestrator.cli.processes import (
     WorkerProcess,
     celery_executable,
     spawn,
@@ -213,8 +213,8 @@ class OrchestratorSystem(System):
 
     def branch_seconds(self, task: str, args: list[Any], count: int) -> list[float]:
         """Run `count` branches of `task` in one job; their run times (started -> outcome) from SQL."""
-        view = self.orc.wait(self.orc.submit([branch(task, *args)] * count, "jobs.aggregate.summary").id,
-                             timeout=JOB_TIMEOUT)  # fmt: skip
+        job = self.orc.submit([branch(task, *args)] * count, "jobs.aggregate.summary")
+        view = self.orc.wait(job.id, timeout=JOB_TIMEOUT)
         if view.state != "succeeded":
             raise self._fail(f"job {view.id} ended {view.state}: {view.error}")
         return [b.duration for b in view.branches if b.duration is not None]
@@ -286,10 +286,10 @@ class PlainCelerySystem(System):
             # Create Celery's result tables here, once, not racing between the worker and the client.
             self.app.backend.ResultSession().close()
         argv = [
-            celery_executable(), "-A", "bench.plain_app", "worker",
-            "-Q", self.queue, "-P", self.pool, "-c", str(self.concurrency),
-            "-n", f"{self.key}@%h", "-l", "INFO", "--without-mingle", "--without-gossip",
-        ]  # fmt: skip
+            *(celery_executable(), "-A", "bench.plain_app", "worker"),
+            *("-Q", self.queue, "-P", self.pool, "-c", str(self.concurrency)),
+            *("-n", f"{self.key}@%h", "-l", "INFO", "--without-mingle", "--without-gossip"),
+        ]
         env = worker_env(
             {
                 "BENCH_BROKER_URL": self.broker_url,

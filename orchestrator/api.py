@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -15,11 +13,14 @@ from typing import Any
 from celery import chord, group
 
 from . import breaker, database, registry
+from .app import app_for
 from .errors import ArgumentsNotSerializable, InvalidJobSpec, JobAlreadyFinal, PublishError, WaitTimeout
 from .models import FINAL_JOB_STATES, BranchState, JobState, utcnow
+from .plan import JobPlan, plan
 from .registry import TaskKind, TaskSpec
 from .settings import Settings
 from .store import NewBranch, Store, parse_job_id
+from .tasks import DEADLINE, FAN_IN, revoke
 from .views import BranchView, BreakerView, JobView
 
 _NAME_MAX = 200
@@ -102,12 +103,9 @@ class Orchestrator:
     """Submits jobs and reads them back from SQL. Settings come from ORCH_* variables by default."""
 
     def __init__(self, settings: Settings | None = None, *, migrate: bool | None = None) -> None:
-        from . import celery_app
-
         self.settings = settings or Settings.from_env()
-        # The workers' app is built from the environment; a client may talk to another deployment.
-        same = self.settings == celery_app.settings
-        self.app = celery_app.app if same else celery_app.make_app(self.settings, set_as_current=False)
+        self.app = app_for(self.settings)
+        breaker.configure(self.settings)  # breakers used in this process share this deployment's database
         self.store = Store(self.settings.database_url)
         if migrate is None:
             migrate = self.settings.is_sqlite  # the embedded default sets itself up
@@ -135,7 +133,7 @@ class Orchestrator:
             args, kwargs = _json_args(i, spec)
             _check_call(i, task, args, kwargs)
             queue = self.settings.queue_for(task.kind)
-            new.append(NewBranch(task.name, queue, args, kwargs, celery_task_id=str(uuid.uuid4())))
+            new.append(NewBranch(task.name, queue, args, kwargs))
         return new
 
     def submit(
@@ -155,7 +153,12 @@ class Orchestrator:
         timed_out. min_success: fewer succeeded branches fail the job without calling the aggregator.
         fan_in_timeout: the aggregator's soft time limit (default ORCH_FAN_IN_TIMEOUT).
         """
-        new = self._pack(self._validate(branches, fan_in, name))
+        job = plan(
+            self._validate(branches, fan_in, name),
+            batch_queue=self.settings.io_queue,
+            chunk_size=self.settings.io_chunk_size,
+        )
+        new = job.branches
         if deadline is not None:
             deadline = _positive("deadline", deadline)
         if min_success is not None and (
@@ -178,7 +181,7 @@ class Orchestrator:
         )  # fmt: skip
         if created_at is None:  # the idempotency key named an existing job
             return self.store.get(job_id)
-        started_at = self._publish(str(job_id), new, timeout, deadline_at)
+        started_at = self._publish(str(job_id), job, timeout, deadline_at)
         # The view as submitted, without reading back what was just written.
         return JobView(
             id=str(job_id), name=name, state=JobState.RUNNING, fan_in=str(fan_in), branch_total=len(new),
@@ -192,64 +195,32 @@ class Orchestrator:
             ),
         )  # fmt: skip
 
-    def _pack(self, new: list[NewBranch]) -> list[NewBranch]:
-        """io branches of the same catalog task share one message (up to ORCH_IO_CHUNK_SIZE of them), so
-        they share its Celery task id: a job's fan-out costs a message per batch, not per branch."""
-        size = self.settings.io_chunk_size
-        if size == 1:
-            return new
-        by_task: dict[str, list[int]] = {}
-        for i, b in enumerate(new):
-            if b.queue == self.settings.io_queue:
-                by_task.setdefault(b.task, []).append(i)
-        for indexes in by_task.values():
-            for start in range(0, len(indexes), size):
-                batch_id = str(uuid.uuid4())
-                for i in indexes[start : start + size]:
-                    new[i] = dataclasses.replace(new[i], celery_task_id=batch_id)
-        return new
-
     def _publish(
-        self, job_id: str, branches: Sequence[NewBranch], fan_in_timeout: float, deadline_at: datetime | None
+        self, job_id: str, job: JobPlan, fan_in_timeout: float, deadline_at: datetime | None
     ) -> datetime:
         """Send the deadline watchdog (if any) and the chord; returns when the job was marked running."""
         at = None if deadline_at is None else deadline_at.timestamp()
         cpu_limit = None if at is None else max(at - time.time(), 0.001)
-        members: dict[str | None, list[int]] = {}
-        for i, b in enumerate(branches):
-            members.setdefault(b.celery_task_id, []).append(i)
-        signatures = []
-        for task_id, indexes in members.items():
-            first = branches[indexes[0]]
-            if first.queue == self.settings.io_queue:  # a batch (see _pack), named after its catalog task
-                batch = [[i, branches[i].args, branches[i].kwargs] for i in indexes]
-                args = (job_id, batch, at)
-                signatures.append(
-                    self.app.signature(first.task, args=args, queue=first.queue, task_id=task_id)
-                )
-                continue
-            signatures.append(
-                self.app.signature(
-                    first.task,
-                    args=(job_id, indexes[0], first.args, first.kwargs, at),
-                    queue=first.queue,
-                    task_id=task_id,
-                    # prefork honours soft limits; the branch also arms one at exactly the time left.
-                    soft_time_limit=cpu_limit,
-                )
+        header = group(
+            self.app.signature(
+                m.task,
+                args=m.args(job_id, job.branches, at),
+                queue=m.queue,
+                task_id=m.task_id,
+                # prefork honours soft limits; a cpu branch also arms one at exactly the time left.
+                **({} if m.batch else {"soft_time_limit": cpu_limit}),
             )
-        header = group(signatures)
-        limits = {"soft_time_limit": fan_in_timeout, "time_limit": fan_in_timeout + 10}
-        body = self.app.signature(
-            "orchestrator.fan_in", args=(job_id,), queue=self.settings.fanin_queue, **limits
+            for m in job.messages
         )
+        limits = {"soft_time_limit": fan_in_timeout, "time_limit": fan_in_timeout + 10}
+        body = self.app.signature(FAN_IN, args=(job_id,), queue=self.settings.fanin_queue, **limits)
         uid = parse_job_id(job_id)
         try:
             if deadline_at is not None:
                 # Before the chord: if this cannot be sent, nothing is. It survives worker restarts
                 # because an ETA message is only acked when it has run.
                 self.app.signature(
-                    "orchestrator.deadline", args=(job_id,), queue=self.settings.fanin_queue, **limits
+                    DEADLINE, args=(job_id,), queue=self.settings.fanin_queue, **limits
                 ).apply_async(eta=deadline_at)
             chord(header, body).apply_async()
         except Exception as exc:
@@ -260,8 +231,6 @@ class Orchestrator:
     def cancel(self, job_id: str) -> JobView:
         """Cancel a pending or running job: unfinished branches become cancelled and are revoked (running
         cpu branches terminated); the fan-in does not run. A final job raises JobAlreadyFinal."""
-        from .tasks import revoke
-
         uid = parse_job_id(job_id)
         stopped = self.store.cancel(uid)
         if stopped is None:

@@ -110,9 +110,6 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
     supports_native_join = True
     implements_incr = True
     supports_autoexpire = False
-    #: Chord bodies that read their inputs elsewhere (the orchestrator's fan-in reads SQL): their header
-    #: tasks may ignore results, and the join passes them an empty list instead of joining.
-    bodies_without_header_results = frozenset({"orchestrator.fan_in"})
 
     def __init__(self, url: str | None = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -122,6 +119,12 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         self._sizes: dict[str, int] = {}  # chord sizes this process stored in apply_chord
         #: Seconds after which a publish claim whose worker never marked the body sent may be taken over.
         self.publish_lease = float(self.app.conf.get("chord_publish_lease") or 30.0)
+        #: Chord bodies that read their inputs elsewhere (the orchestrator's fan-in reads SQL), from the
+        #: app's `chord_bodies_without_header_results`: their header tasks may ignore results, and the
+        #: join passes them an empty list instead of joining. Such a body's first argument is its job id.
+        self.bodies_without_header_results = frozenset(
+            self.app.conf.get("chord_bodies_without_header_results") or ()
+        )
         self._insert = dialect(url).insert
         self._insert_part = (
             self._insert(ChordPart)
@@ -389,10 +392,9 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
             ).rowcount
         return int(removed)
 
-    @staticmethod
-    def _job_is_over(conn: Connection, body: Any) -> bool:
+    def _job_is_over(self, conn: Connection, body: Any) -> bool:
         """True when `body` is an orchestrator fan-in whose job is final or no longer exists."""
-        if not isinstance(body, dict) or body.get("task") not in SQLBackend.bodies_without_header_results:
+        if not isinstance(body, dict) or body.get("task") not in self.bodies_without_header_results:
             return False
         args = body.get("args") or []
         try:

@@ -36,7 +36,8 @@ from .errors import ConfigurationError, SchemaNotReady
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
-_MIGRATIONS = Path(__file__).with_name("migrations")
+#: The Alembic scripts of a checkout (an editable install, or its root on sys.path): its alembic/.
+_MIGRATIONS = Path(__file__).resolve().parent.parent / "alembic"
 
 
 _NOTIFY = select(func.pg_notify(bindparam("channel", type_=Text), bindparam("payload", type_=Text)))
@@ -160,11 +161,29 @@ def get_engine(url: str) -> Engine:
     return engine
 
 
+def migrations_location() -> Path:
+    """The directory of the Alembic scripts (env.py, script.py.mako, versions/).
+
+    Installed, they are the package `orchestrator.migrations`: pyproject.toml maps it onto the repository's
+    alembic/, so the wheel carries them as orchestrator/migrations/. Run from a checkout they are that
+    checkout's alembic/: an editable install's import hook cannot find a package without __init__.py
+    nested in another, the checkout's root on sys.path has no such package, and a stale
+    orchestrator/migrations/__pycache__ left by an older checkout holds no env.py.
+    """
+    from importlib.resources import files
+
+    try:
+        env = files("orchestrator.migrations").joinpath("env.py")
+    except ModuleNotFoundError:
+        return _MIGRATIONS
+    return env.parent if isinstance(env, Path) and env.is_file() else _MIGRATIONS
+
+
 def alembic_config(url: str) -> Any:
     from alembic.config import Config
 
     config = Config()
-    config.set_main_option("script_location", str(_MIGRATIONS))
+    config.set_main_option("script_location", str(migrations_location()))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     config.attributes["engine"] = get_engine(url)
     return config

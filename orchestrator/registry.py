@@ -1,8 +1,9 @@
 """The job catalog: decorators that declare io / cpu tasks and aggregators, and lookup by name.
 
 The decorator, not the caller, decides where a task runs: io tasks go to the io queue, cpu tasks to the
-cpu queue, aggregators run inside the fan-in on the fanin queue. Each io/cpu task is also registered as a
-Celery task under its catalog name, so Flower and `celery inspect` show `jobs.io.sleep`, not a wrapper.
+cpu queue, aggregators run inside the fan-in on the fanin queue. Declaring records a spec and nothing
+else; the app builder (`orchestrator.app`) registers each io/cpu task as a Celery task under its catalog
+name, so Flower and `celery inspect` show `jobs.io.sleep`, not a wrapper.
 """
 
 from __future__ import annotations
@@ -75,10 +76,6 @@ def _declare(
     if existing is not None and existing.kind is not kind:
         raise ConfigurationError(f"task {spec.name!r} is declared twice with different kinds")
     _catalog[spec.name] = spec
-    if kind is not TaskKind.AGGREGATOR:
-        from .tasks import register_branch_task
-
-        register_branch_task(spec)
     return spec
 
 

@@ -23,7 +23,13 @@ from urllib.parse import urlsplit
 import httpx
 from ruamel.yaml import YAML
 
-from orchestrator.embedded import WorkerProcess, celery_executable, orchestrator_executable, spawn, stop_all
+from orchestrator.cli.processes import (
+    WorkerProcess,
+    celery_executable,
+    orchestrator_executable,
+    spawn,
+    stop_all,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

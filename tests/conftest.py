@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import func, select
 
 from orchestrator import Orchestrator, Settings
+from orchestrator.cli.processes import KINDS, WorkerProcess, start_pools, start_worker, stop_all
 from orchestrator.database import get_engine, upgrade
-from orchestrator.embedded import KINDS, WorkerProcess, start_pools, start_worker, stop_all
 from orchestrator.models import Branch, Job
 from tests.services import postgres_database, rabbitmq_vhost, redis_database
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import pytest
 
 from orchestrator import Orchestrator, Settings
-from orchestrator.embedded import WorkerProcess, start_worker, stop_all
+from orchestrator.cli.processes import WorkerProcess, start_worker, stop_all
 from tests.conftest import stack_services
-from tests.unit.test_cli import Cli
+from tests.integration.test_cli import Cli
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,9 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 
-from orchestrator import Settings, embedded
-from orchestrator.embedded import KINDS, worker_argv
+from orchestrator import Settings
+from orchestrator.cli import processes
+from orchestrator.cli.processes import KINDS, worker_argv
 from tests.compose import (
     COMPOSE_FILE,
     ENV_EXAMPLE,
@@ -107,7 +108,7 @@ def test_every_project_service_is_the_same_image_with_its_own_command(services: 
 def test_worker_commands_are_what_the_tests_start(
     services: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """The suite's workers (tests/conftest.py, via orchestrator.embedded.start_worker) run exactly the
+    """The suite's workers (tests/conftest.py, via orchestrator.cli.processes.start_worker) run exactly the
     compose command, and each healthcheck pings the node name that command gives its worker."""
     started: list[list[str]] = []
 
@@ -118,13 +119,13 @@ def test_worker_commands_are_what_the_tests_start(
 
     monkeypatch.setattr(subprocess, "Popen", Recorder)  # start_worker records instead of starting
     settings = Settings.from_env({})
-    prefix = embedded.orchestrator_executable()
+    prefix = processes.orchestrator_executable()
     for kind in KINDS:
         service = services[WORKER_SERVICES[kind]]
         # One pool per container, so the compose command names its node KIND@%h (outside a container
         # `orchestrator worker` defaults to KIND-PID@%h, so that two pools of a kind can share a host).
         name = f"{kind}@%h"  # %h is the host name, $HOSTNAME in a container
-        embedded.start_worker(kind, env={}, log_dir=tmp_path, hostname=name)._log.close()
+        processes.start_worker(kind, env={}, log_dir=tmp_path, hostname=name)._log.close()
         argv = started.pop()
         assert argv[: len(prefix)] == prefix
         assert ["orchestrator", *argv[len(prefix) :]] == service["command"]
@@ -253,7 +254,10 @@ def test_the_image_is_built_from_the_project_alone() -> None:
     declared = " ".join(pyproject["project"]["dependencies"])
     assert "flower" in declared or "flower" in install, "`orchestrator flower` needs Flower in the image"
     sources = [s for i in instructions if i.startswith("COPY ") and "--" not in i for s in i.split()[1:-1]]
-    needed = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]}
+    setuptools = pyproject["tool"]["setuptools"]
+    package_dirs = setuptools.get("package-dir", {})
+    # A package maps onto its own directory, or onto the one package-dir names (the Alembic scripts).
+    needed = {package_dirs.get(p, p.replace(".", "/")).split("/")[0] for p in setuptools["packages"]}
     needed |= {"pyproject.toml", pyproject["project"]["readme"]}
     assert needed <= set(sources), f"not copied into the build: {needed - set(sources)}"
 
@@ -268,7 +272,8 @@ def test_the_image_is_built_from_the_project_alone() -> None:
     ).stdout.split()
     assert tracked
     shipped = [p for p in tracked if not _dockerignored(p, patterns)]
-    assert "orchestrator/migrations/script.py.mako" in shipped and "jobs/io.py" in shipped
+    packaged = {"alembic/env.py", "alembic/script.py.mako", "alembic/versions/0001_initial.py", "jobs/io.py"}
+    assert packaged <= set(shipped), packaged - set(shipped)
     assert set(tracked) - set(shipped) <= {p for p in tracked if "__pycache__" in p}
     private = (
         ".env",
@@ -276,7 +281,7 @@ def test_the_image_is_built_from_the_project_alone() -> None:
         ".venv/bin/python",
         "tests/conftest.py",
         "jobs/__pycache__/io.cpython-311.pyc",
-        "orchestrator/cli.pyc",
+        "orchestrator/cli/commands.pyc",
     )
     for path in private:
         assert _dockerignored(path, patterns), path

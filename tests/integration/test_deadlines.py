@@ -58,8 +58,11 @@ def test_stragglers_are_timed_out_at_the_deadline_and_their_results_arrive_late(
 
 def test_a_branch_honouring_its_deadline_stops_there(pg_stack: Stack) -> None:
     orc = pg_stack.orc
-    job = orc.submit([branch("jobs.io.sleep", 30), branch("jobs.cpu.count_primes", limit=10)],
-                     fan_in="jobs.aggregate.summary", deadline=0.5)  # fmt: skip
+    job = orc.submit(
+        [branch("jobs.io.sleep", 30), branch("jobs.cpu.count_primes", limit=10)],
+        fan_in="jobs.aggregate.summary",
+        deadline=0.5,
+    )
     view = orc.wait(job.id, timeout=5)
     assert view.state == "partial"
     assert [b.state for b in view.branches] == ["timed_out", "succeeded"]
@@ -108,10 +111,14 @@ def test_below_min_success_fails_without_calling_the_aggregator(pg_stack: Stack)
     orc = pg_stack.orc
     before = len(_aggregations(pg_stack))
     job = orc.submit(
-        [branch("tests.catalog.stubborn_sleep", 0.01), branch("tests.catalog.boom"),
-         branch("tests.catalog.boom")],
-        fan_in="tests.catalog.record_calls", min_success=2,
-    )  # fmt: skip
+        [
+            branch("tests.catalog.stubborn_sleep", 0.01),
+            branch("tests.catalog.boom"),
+            branch("tests.catalog.boom"),
+        ],
+        fan_in="tests.catalog.record_calls",
+        min_success=2,
+    )
     view = orc.wait(job.id, timeout=15)
     assert (view.state, view.result) == ("failed", None)
     assert view.error == "only 1 of 3 branches succeeded; min_success is 2"
@@ -121,8 +128,10 @@ def test_below_min_success_fails_without_calling_the_aggregator(pg_stack: Stack)
 def test_cancel_revokes_branches_terminates_cpu_work_and_skips_the_fan_in(pg_stack: Stack) -> None:
     orc = pg_stack.orc
     before = len(_aggregations(pg_stack))
-    job = orc.submit([branch("tests.catalog.spin", 20), branch("tests.catalog.stubborn_sleep", 1.0)],
-                     fan_in="tests.catalog.record_calls")  # fmt: skip
+    job = orc.submit(
+        [branch("tests.catalog.spin", 20), branch("tests.catalog.stubborn_sleep", 1.0)],
+        fan_in="tests.catalog.record_calls",
+    )
     deadline = time.monotonic() + 15
     while orc.get(job.id).branches[0].state != "running":
         assert time.monotonic() < deadline, pg_stack.logs()

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from orchestrator import Orchestrator, Settings, branch
-from orchestrator.embedded import orchestrator_executable
+from orchestrator.cli.processes import orchestrator_executable
 from tests.compose import FLOWER_SERVICE, WORKER_SERVICES, LocalStack, local_stack
 from tests.services import postgres_database, rabbitmq_vhost
 

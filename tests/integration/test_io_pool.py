@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import Orchestrator, Settings, branch
-from orchestrator.embedded import start_pools, stop_all
+from orchestrator.cli.processes import start_pools, stop_all
 from tests.conftest import stack_services
 
 pytestmark = pytest.mark.integration

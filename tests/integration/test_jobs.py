@@ -97,8 +97,11 @@ def test_an_aggregator_that_raises_fails_the_job(stack: Stack) -> None:
 
 def test_a_deadline_times_out_a_straggler(stack: Stack) -> None:
     orc = stack.orc
-    job = orc.submit([branch("jobs.io.sleep", 0.05), branch("tests.catalog.stubborn_sleep", 2)],
-                     fan_in="jobs.aggregate.summary", deadline=0.8)  # fmt: skip
+    job = orc.submit(
+        [branch("jobs.io.sleep", 0.05), branch("tests.catalog.stubborn_sleep", 2)],
+        fan_in="jobs.aggregate.summary",
+        deadline=0.8,
+    )
     view = orc.wait(job.id, timeout=10)
     assert view.state == "partial", stack.logs()
     assert [b.state for b in view.branches] == ["succeeded", "timed_out"]

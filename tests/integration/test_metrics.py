@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import CircuitBreaker, branch
-from orchestrator.embedded import orchestrator_executable, spawn
+from orchestrator.cli.processes import orchestrator_executable, spawn
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.integration
@@ -25,13 +25,17 @@ def _free_port() -> int:
 
 def test_metrics_are_scraped_from_sql(pg_stack: Stack) -> None:
     orc = pg_stack.orc
-    done = orc.wait(orc.submit([branch("jobs.io.sleep", 0.05)] * 3 + [branch("tests.catalog.boom")],
-                               "jobs.aggregate.summary").id, 30)  # fmt: skip
+    branches = [branch("jobs.io.sleep", 0.05)] * 3 + [branch("tests.catalog.boom")]
+    done = orc.wait(orc.submit(branches, "jobs.aggregate.summary").id, 30)
     assert done.state == "partial"
     CircuitBreaker("metrics-demo", database_url=orc.settings.database_url).view()
     port = _free_port()
-    server = spawn([*orchestrator_executable(), "metrics", "--port", str(port), "--address", "127.0.0.1"],
-                   name="metrics", env=pg_stack.env, log_dir=pg_stack.home / "logs")  # fmt: skip
+    server = spawn(
+        [*orchestrator_executable(), "metrics", "--port", str(port), "--address", "127.0.0.1"],
+        name="metrics",
+        env=pg_stack.env,
+        log_dir=pg_stack.home / "logs",
+    )
     try:
         deadline = time.monotonic() + 30
         while True:

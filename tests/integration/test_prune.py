@@ -13,9 +13,10 @@ from celery import Celery
 from sqlalchemy import func, select, update
 
 from orchestrator import InvalidArgument, branch, database
-from orchestrator.embedded import orchestrator_executable
+from orchestrator.cli.processes import orchestrator_executable
 from orchestrator.models import Branch, ChordCounter, ChordPart, Job, JobState, ResultRecord, utcnow
 from orchestrator.store import NewBranch, Store
+from orchestrator.tasks import BODIES_WITHOUT_HEADER_RESULTS
 from tests.conftest import Stack, base_env
 
 pytestmark = pytest.mark.integration
@@ -26,8 +27,11 @@ def test_prune_removes_only_old_final_jobs_and_old_results(database_url: str, tm
     store = Store(url)
     ids = []
     for _ in range(3):
-        job_id, _ = store.create_job(name=None, fan_in="jobs.aggregate.collect",
-                                     branches=[NewBranch("jobs.io.sleep", "io", [0], {})] * 2)  # fmt: skip
+        job_id, _ = store.create_job(
+            name=None,
+            fan_in="jobs.aggregate.collect",
+            branches=[NewBranch("jobs.io.sleep", "io", [0], {})] * 2,
+        )
         ids.append(job_id)
     old, recent, unfinished = ids
     engine = database.get_engine(url)
@@ -45,8 +49,13 @@ def test_prune_removes_only_old_final_jobs_and_old_results(database_url: str, tm
         )
 
     env = base_env(tmp_path, ORCH_DATABASE_URL=url)
-    done = subprocess.run([*orchestrator_executable(), "db", "prune", "--older-than", "2d"], env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [*orchestrator_executable(), "db", "prune", "--older-than", "2d"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("pruned 1 jobs and 1 result rows")
     with engine.connect() as conn:
@@ -88,12 +97,15 @@ def test_prune_keeps_the_joins_and_group_results_of_unfinished_chords(database_u
     """Of old joins, only fired ones and those of final (or deleted) jobs go; a plain Celery chord still
     waiting keeps its join and its group result, whatever its age."""
     store = Store(database_url)
-    running, _ = store.create_job(name=None, fan_in="jobs.aggregate.collect",
-                                  branches=[NewBranch("jobs.io.sleep", "io", [0], {})])  # fmt: skip
-    final, _ = store.create_job(name=None, fan_in="jobs.aggregate.collect",
-                                branches=[NewBranch("jobs.io.sleep", "io", [0], {})])  # fmt: skip
+    running, _ = store.create_job(
+        name=None, fan_in="jobs.aggregate.collect", branches=[NewBranch("jobs.io.sleep", "io", [0], {})]
+    )
+    final, _ = store.create_job(
+        name=None, fan_in="jobs.aggregate.collect", branches=[NewBranch("jobs.io.sleep", "io", [0], {})]
+    )
     store.cancel(final)
     app = Celery(backend=f"orchestrator.backend:SQLBackend+{database_url}")
+    app.conf.chord_bodies_without_header_results = list(BODIES_WITHOUT_HEADER_RESULTS)
     backend = app.backend
     bodies = {
         "fired": app.signature("orchestrator.fan_in", args=(str(uuid.uuid4()),)),

@@ -22,9 +22,10 @@ from sqlalchemy import select
 
 from orchestrator import database
 from orchestrator.backend import SQLBackend
-from orchestrator.embedded import spawn
+from orchestrator.cli.processes import spawn
 from orchestrator.models import BranchState, ChordCounter
 from orchestrator.store import Finished, NewBranch, SentAs, Store
+from orchestrator.tasks import BODIES_WITHOUT_HEADER_RESULTS
 from tests.conftest import ROOT
 from tests.services import REDIS_URL, postgres_database, rabbitmq_vhost
 
@@ -112,7 +113,12 @@ def test_a_failing_header_task_follows_celery_chord_semantics(
 def _app(database_url: str, broker_url: str = f"{REDIS_URL}/9") -> Celery:
     """A plain Celery app on the SQL backend, publishing chord bodies to Redis where a test counts them."""
     app = Celery("race", broker=broker_url, backend=f"orchestrator.backend:SQLBackend+{database_url}")
-    app.conf.update(task_serializer="json", accept_content=["json"])
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        # As the orchestrator's app configures it: its fan-in reads SQL, so its chord skips the join.
+        chord_bodies_without_header_results=list(BODIES_WITHOUT_HEADER_RESULTS),
+    )
     return app
 
 
@@ -162,9 +168,10 @@ def test_a_part_counted_with_its_outcome_commits_with_it_or_not_at_all(database_
     store = Store(database_url)
     batch = str(uuid.uuid4())  # both branches travel in one io batch message
     job_id, _ = store.create_job(
-        name="fused", fan_in="jobs.aggregate.collect",
+        name="fused",
+        fan_in="jobs.aggregate.collect",
         branches=[NewBranch("jobs.io.sleep", "io", [0], {}, batch) for _ in range(2)],
-    )  # fmt: skip
+    )
     group_id, task_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(2)]
     sent = SentAs(batch, "jobs.io.sleep")
     body = dict(app.signature("orchestrator.fan_in", args=(str(job_id),), queue=queue))
@@ -221,8 +228,11 @@ def test_a_part_killed_after_counting_is_counted_once_and_fires_once(tmp_path: P
             "PLAIN_LEASE": "1",
             "PYTHONPATH": str(ROOT),
         }
-        argv = [sys.executable, "-m", "celery", "-A", "tests.plain_app", "worker", "-P", "prefork", "-c", "2",
-                "-Q", "plain", "--without-mingle", "--without-gossip", "-l", "INFO"]  # fmt: skip
+        argv = [
+            *(sys.executable, "-m", "celery", "-A", "tests.plain_app", "worker"),
+            *("-P", "prefork", "-c", "2", "-Q", "plain"),
+            *("--without-mingle", "--without-gossip", "-l", "INFO"),
+        ]
         workers = [spawn(argv, name="plain", env=env, log_dir=tmp_path)]
         try:
             workers[0].wait_ready(60)

@@ -32,7 +32,7 @@ def test_cpu_tasks_compute_real_answers() -> None:
 
 @pytest.fixture
 def http_server() -> Iterator[str]:
-    from orchestrator.demo import local_http_server
+    from orchestrator.cli.demo import local_http_server
 
     with local_http_server() as server:
         yield server.url

@@ -15,8 +15,8 @@ import pytest
 from jobs import io
 from orchestrator import NO_DEADLINE, CircuitBreaker, database
 from orchestrator.hosts import host_allowed
+from orchestrator.policy import execute
 from orchestrator.registry import catalog
-from orchestrator.tasks import execute
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import update
 
 from orchestrator import Orchestrator
-from orchestrator.metrics import SQLCollector
+from orchestrator.cli.metrics import SQLCollector
 from orchestrator.models import Branch, BranchState, utcnow
 from orchestrator.store import NewBranch, SentAs
 
@@ -21,8 +21,8 @@ def test_collect_on_sqlite(embedded_orc: Orchestrator) -> None:
     store.start_branch(job_id, 0, SentAs(new.celery_task_id or "", new.task))
     with store.engine.begin() as conn:
         now = utcnow()
-        conn.execute(update(Branch).values(started_at=now - timedelta(seconds=0.3), finished_at=now,
-                                           state=BranchState.SUCCEEDED))  # fmt: skip
+        started = now - timedelta(seconds=0.3)
+        conn.execute(update(Branch).values(started_at=started, finished_at=now, state=BranchState.SUCCEEDED))
     registry = CollectorRegistry()
     registry.register(SQLCollector(embedded_orc.settings, embedded_orc.app))
     text = generate_latest(registry).decode()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import ConfigurationError, Settings
-from orchestrator.embedded import worker_argv
+from orchestrator.cli.processes import worker_argv
 
 
 def test_nothing_set_means_the_embedded_default(tmp_path: Path) -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator import CircuitBreaker, Settings
-from tests.unit.test_cli import Cli
+from tests.integration.test_cli import Cli
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

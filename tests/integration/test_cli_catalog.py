@@ -7,7 +7,11 @@ import json
 import os
 from pathlib import Path
 
-from tests.unit.test_cli import Cli
+import pytest
+
+from tests.integration.test_cli import Cli
+
+pytestmark = pytest.mark.integration
 
 CATALOG = """
 from orchestrator import aggregator, io_task

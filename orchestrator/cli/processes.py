@@ -1,7 +1,7 @@
-"""The embedded default: worker pools as local subprocesses, started as `orchestrator worker` runs them.
+"""Worker pools as local subprocesses, started as `orchestrator worker` runs them.
 
-Used by `orchestrator demo` and by the integration tests, so what is demonstrated and tested is the
-command users and the compose file run.
+Used by `orchestrator demo`, the integration tests and the bench, so what is demonstrated, tested and
+measured is the command users and the compose file run.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .errors import OrchestratorError
-from .settings import Settings
+from ..errors import OrchestratorError
+from ..settings import Settings
 
 KINDS = ("io", "cpu", "fanin")
 

@@ -8,7 +8,9 @@ import pytest
 
 from orchestrator.database import get_engine
 from orchestrator.errors import ConfigurationError
-from tests.unit.test_cli import Cli
+from tests.integration.test_cli import Cli
+
+pytestmark = pytest.mark.integration
 
 BAD_URLS = [
     "postgresql+bogus://orch:s3cret@db.example/orch",  # a driver that does not exist

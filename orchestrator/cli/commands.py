@@ -1,4 +1,4 @@
-"""The `orchestrator` command: workers, jobs, the database and the demo."""
+"""The `orchestrator` command: workers, Flower, jobs, breakers, the database, metrics and the demo."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ import click
 from rich.table import Table
 from sqlalchemy.exc import DBAPIError
 
+from ..errors import OrchestratorError
+from ..models import BreakerState, JobState
+from ..settings import Settings
+from ..views import BreakerView, JobView
 from .display import clean, console, make_console, print_job, print_table, safe, styled, watch_job
-from .errors import OrchestratorError
-from .models import BreakerState, JobState
-from .settings import Settings
-from .views import BreakerView, JobView
 
 if TYPE_CHECKING:
-    from .api import Orchestrator
+    from ..api import Orchestrator
 
 err_console = make_console(stderr=True)
 
@@ -63,7 +63,7 @@ def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
 
 def _database_error(exc: DBAPIError) -> str:
     """One line about a database that cannot be used, from the driver's own words, password masked."""
-    from .database import redact
+    from ..database import redact
 
     detail = " ".join(str(exc.orig if exc.orig is not None else exc).split()) or type(exc).__name__
     try:
@@ -110,7 +110,7 @@ def _cwd_on_path() -> Iterator[None]:
 def _orchestrator() -> Orchestrator:
     """The API client. Only its submit imports the catalog (ORCH_IMPORTS), so reads, cancel and breakers
     keep working where a catalog module cannot be imported."""
-    from .api import Orchestrator
+    from ..api import Orchestrator
 
     return Orchestrator()
 
@@ -150,8 +150,8 @@ def main() -> None:
 )
 def worker(kind: str, concurrency: int | None, hostname: str | None) -> None:
     """Start a worker pool: prints the exact celery command, then runs it."""
-    from . import database
-    from .embedded import celery_executable, worker_argv
+    from .. import database
+    from .processes import celery_executable, worker_argv
 
     if hostname is not None and not hostname.strip():
         raise click.BadParameter("must not be empty", param_hint="--hostname")
@@ -194,7 +194,7 @@ def _check_flower_auth(value: str | None) -> None:
 )
 def flower(port: int, address: str) -> None:
     """Start Flower on the workers' broker; basic auth comes from FLOWER_BASIC_AUTH (user:password)."""
-    from .embedded import celery_executable, flower_argv
+    from .processes import celery_executable, flower_argv
 
     _check_flower_auth(os.environ.get("FLOWER_BASIC_AUTH"))
     argv = flower_argv(port, address)
@@ -217,7 +217,7 @@ def db_upgrade(revision: str) -> None:
     """Apply the Alembic migrations to ORCH_DATABASE_URL."""
     from sqlalchemy.engine import make_url
 
-    from . import database
+    from .. import database
 
     settings = Settings.from_env()
     database.upgrade(settings.database_url, revision)
@@ -229,17 +229,13 @@ def db_upgrade(revision: str) -> None:
 @click.option("--older-than", "older_than", metavar="AGE", help="e.g. 12h or 7d (default ORCH_RETENTION).")
 def db_prune(older_than: str | None) -> None:
     """Delete final jobs, task results and chord joins older than AGE."""
-    from celery import Celery
-
-    from .backend import SQLBackend
-    from .store import Store
+    from ..app import sql_backend
+    from ..store import Store
 
     settings = Settings.from_env()
     age = _parse_duration(older_than) if older_than else timedelta(seconds=settings.retention)
     jobs = Store(settings.database_url).prune(age)
-    backend = Celery(backend=f"orchestrator.backend:SQLBackend+{settings.database_url}").backend
-    assert isinstance(backend, SQLBackend)
-    results = backend.prune(age)
+    results = sql_backend(settings).prune(age)
     click.echo(f"pruned {jobs} jobs and {results} result rows older than {age}")
 
 
@@ -258,7 +254,7 @@ def _parse_value(text: str) -> Any:
 
 
 def _branches_from_options(specs: tuple[tuple[str, ...], ...]) -> list[Any]:
-    from .api import branch
+    from ..api import branch
 
     out = []
     for spec in specs:
@@ -288,7 +284,7 @@ def _refuse_unknown_keys(where: str, given: Iterable[str], allowed: Sequence[str
 def _branches_from_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
     """A job spec file, checked for shape: unknown keys and wrongly typed branch entries are usage
     errors (exit 2); the values themselves are checked by Orchestrator.submit like any other job."""
-    from .api import branch
+    from ..api import branch
 
     try:
         spec = json.loads(path.read_text())

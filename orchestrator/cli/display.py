@@ -16,8 +16,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import WaitTimeout
-from .views import JobView
+from ..errors import WaitTimeout
+from ..views import JobView
 
 # Piped output is read by programs (grep, awk): a table cut to Rich's default 80 columns loses ids and
 # states, so anything that is not a terminal gets lines as long as their content.

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.embedded import orchestrator_executable
+from orchestrator.cli.processes import orchestrator_executable
 from tests.conftest import base_env
+
+pytestmark = pytest.mark.integration
 
 
 @dataclass

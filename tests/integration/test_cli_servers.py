@@ -12,8 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.embedded import WorkerProcess, orchestrator_executable, spawn
-from tests.unit.test_cli import Cli
+from orchestrator.cli.processes import WorkerProcess, orchestrator_executable, spawn
+from tests.integration.test_cli import Cli
+
+pytestmark = pytest.mark.integration
 
 
 def _free_port() -> int:

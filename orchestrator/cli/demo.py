@@ -13,8 +13,8 @@ from typing import Any
 
 from rich.console import Console
 
-from .embedded import start_pools, stop_all
-from .settings import Settings
+from ..settings import Settings
+from .processes import start_pools, stop_all
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -69,7 +69,7 @@ def breaker_demo(orc: Any, server: LocalServer, console: Console) -> None:
     """The shared circuit breaker in front of a failing API: it trips, refuses, then one probe closes it."""
     from jobs.io import shard_api
 
-    from .api import branch
+    from ..api import branch
     from .display import styled
 
     shard_api.reset()
@@ -98,7 +98,7 @@ def breaker_demo(orc: Any, server: LocalServer, console: Console) -> None:
 
 
 def run_demo(console: Console) -> int:
-    from .api import Orchestrator, branch
+    from ..api import Orchestrator, branch
     from .display import print_job, watch_job
 
     settings = Settings.from_env()

@@ -1,4 +1,5 @@
-"""Prometheus metrics read from SQL at scrape time, so they are right across every host and process.
+"""Prometheus metrics read from SQL at scrape time, so they are right across every host and process;
+`orchestrator metrics` serves them.
 
 A collector, not counters in a process: no worker has the whole picture, the database does.
 """
@@ -13,10 +14,10 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select
 
-from .breaker import list_views
-from .database import dialect, get_engine
-from .models import Branch, BreakerState, Job, JobState
-from .settings import Settings
+from ..breaker import list_views
+from ..database import dialect, get_engine
+from ..models import Branch, BreakerState, Job, JobState
+from ..settings import Settings
 
 logger = logging.getLogger(__name__)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
