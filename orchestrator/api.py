@@ -15,7 +15,7 @@ from celery import chord, group
 from . import breaker, database, registry
 from .app import app_for
 from .errors import ArgumentsNotSerializable, InvalidJobSpec, JobAlreadyFinal, PublishError, WaitTimeout
-from .models import FINAL_JOB_STATES, BranchState, JobState, utcnow
+from .models import FINAL_JOB_STATES, JobState, utcnow
 from .plan import JobPlan, plan
 from .registry import TaskKind, TaskSpec
 from .settings import Settings
@@ -176,24 +176,35 @@ class Orchestrator:
             raise InvalidJobSpec(f"idempotency_key must be a string of at most {_NAME_MAX} characters")
         deadline_at = None if deadline is None else utcnow() + timedelta(seconds=deadline)
         job_id, created_at = self.store.create_job(
-            name=name, fan_in=str(fan_in), branches=new, idempotency_key=idempotency_key,
-            deadline_at=deadline_at, min_success=min_success, fan_in_timeout=timeout,
-        )  # fmt: skip
+            name=name,
+            fan_in=str(fan_in),
+            branches=new,
+            idempotency_key=idempotency_key,
+            deadline_at=deadline_at,
+            min_success=min_success,
+            fan_in_timeout=timeout,
+        )
         if created_at is None:  # the idempotency key named an existing job
             return self.store.get(job_id)
         started_at = self._publish(str(job_id), job, timeout, deadline_at)
         # The view as submitted, without reading back what was just written.
         return JobView(
-            id=str(job_id), name=name, state=JobState.RUNNING, fan_in=str(fan_in), branch_total=len(new),
-            branch_done=0, created_at=created_at, started_at=started_at, finished_at=None,
-            deadline_at=deadline_at, result=None, error=None,
+            id=str(job_id),
+            name=name,
+            state=JobState.RUNNING,
+            fan_in=str(fan_in),
+            branch_total=len(new),
+            branch_done=0,
+            created_at=created_at,
+            started_at=started_at,
+            deadline_at=deadline_at,
             branches=tuple(
-                BranchView(index=i, task=b.task, queue=b.queue, args={"args": b.args, "kwargs": b.kwargs},
-                           state=BranchState.PENDING, attempts=0, celery_task_id=b.celery_task_id,
-                           started_at=None, finished_at=None, result=None, error=None, late=False)
+                BranchView(
+                    i, b.task, b.queue, {"args": b.args, "kwargs": b.kwargs}, celery_task_id=b.celery_task_id
+                )
                 for i, b in enumerate(new)
             ),
-        )  # fmt: skip
+        )
 
     def _publish(
         self, job_id: str, job: JobPlan, fan_in_timeout: float, deadline_at: datetime | None

@@ -232,8 +232,9 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         params = {"gid": group_id, "tid": task_id, "now": utcnow()}
         bumped = conn.execute(_BUMP, params).first()
         if bumped is not None:
-            return _Part(bumped.done, bumped.total, counted=True, fired=False,
-                         claimed=bumped.claimed_by == task_id)  # fmt: skip
+            return _Part(
+                bumped.done, bumped.total, counted=True, fired=False, claimed=bumped.claimed_by == task_id
+            )
         # No counter row: a chord whose size arrives later (set_chord_size) or was never applied by us.
         stmt = self._insert(ChordCounter).values(group_id=group_id, done=1, fired=False, created_at=utcnow())
         stmt = stmt.on_conflict_do_update(

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, case, or_, select, update
 from .database import dialect, get_engine
 from .errors import BreakerNotFound, ConfigurationError
 from .models import Breaker, BreakerState
-from .views import BreakerView
+from .views import BreakerView, breaker_view
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -130,6 +130,7 @@ def _not_found(name: str) -> BreakerNotFound:
 
 @dataclass
 class _Row:
+    name: str
     failure_threshold: int
     reset_timeout: float
     probe_lease: float
@@ -163,7 +164,7 @@ class MemoryBreakerStorage:
             row = self._rows.get(name)
             if row is None:
                 self._rows[name] = _Row(
-                    config.failure_threshold, config.reset_timeout, config.probe_lease, now
+                    name, config.failure_threshold, config.reset_timeout, config.probe_lease, now
                 )
             else:
                 row.failure_threshold = config.failure_threshold
@@ -249,26 +250,11 @@ class MemoryBreakerStorage:
             row = self._rows.get(name)
             if row is None:
                 raise _not_found(name)
-            return _memory_view(name, row)
+            return breaker_view(row)
 
     def views(self) -> list[BreakerView]:
         with self._lock:
-            return [_memory_view(name, row) for name, row in sorted(self._rows.items())]
-
-
-def _memory_view(name: str, row: _Row) -> BreakerView:
-    return BreakerView(
-        name=name,
-        state=row.state.value,
-        failure_count=row.failure_count,
-        failure_threshold=row.failure_threshold,
-        reset_timeout=row.reset_timeout,
-        probe_lease=row.probe_lease,
-        opened_at=row.opened_at,
-        retry_at=row.retry_at,
-        probe_started_at=row.probe_started_at,
-        updated_at=row.updated_at,
-    )
+            return [breaker_view(row) for _, row in sorted(self._rows.items())]
 
 
 # --- SQL -------------------------------------------------------------------------------------------
@@ -287,21 +273,6 @@ _SNAPSHOT_COLUMNS = (Breaker.state, Breaker.failure_count, Breaker.retry_at, Bre
 
 def _sql_snapshot(row: Any) -> BreakerSnapshot:
     return BreakerSnapshot(BreakerState(row.state), row.failure_count, row.retry_at, row.probe_started_at)
-
-
-def _sql_view(row: Any) -> BreakerView:
-    return BreakerView(
-        name=row.name,
-        state=row.state,
-        failure_count=row.failure_count,
-        failure_threshold=row.failure_threshold,
-        reset_timeout=row.reset_timeout,
-        probe_lease=row.probe_lease,
-        opened_at=row.opened_at,
-        retry_at=row.retry_at,
-        probe_started_at=row.probe_started_at,
-        updated_at=row.updated_at,
-    )
 
 
 @dataclass(frozen=True)
@@ -339,91 +310,85 @@ class SQLBreakerStorage:
             raise _not_found(name)
         return _sql_snapshot(row)
 
-    def record_failure(self, name: str, now: datetime, retry_at: datetime) -> BreakerSnapshot | None:
-        trips = Breaker.failure_count + 1 >= Breaker.failure_threshold
+    def _moved(self, stmt: Any) -> bool:
+        """Run one conditional UPDATE; True when it moved the row."""
         with self.engine.begin() as conn:
-            row = conn.execute(
-                update(Breaker)
-                .where(Breaker.name == name, Breaker.state == BreakerState.CLOSED)
-                .values(
-                    failure_count=Breaker.failure_count + 1,
-                    state=case((trips, BreakerState.OPEN.value), else_=Breaker.state),
-                    opened_at=case((trips, now), else_=Breaker.opened_at),
-                    retry_at=case((trips, retry_at), else_=Breaker.retry_at),
-                    updated_at=now,
-                )
-                .returning(*_SNAPSHOT_COLUMNS)
-            ).one_or_none()
+            return bool(conn.execute(stmt).rowcount)
+
+    def _moved_to(self, stmt: Any) -> BreakerSnapshot | None:
+        """Run one conditional UPDATE; the row's new state, or None when it did not move."""
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt.returning(*_SNAPSHOT_COLUMNS)).one_or_none()
         return None if row is None else _sql_snapshot(row)
 
+    def record_failure(self, name: str, now: datetime, retry_at: datetime) -> BreakerSnapshot | None:
+        trips = Breaker.failure_count + 1 >= Breaker.failure_threshold
+        return self._moved_to(
+            update(Breaker)
+            .where(Breaker.name == name, Breaker.state == BreakerState.CLOSED)
+            .values(
+                failure_count=Breaker.failure_count + 1,
+                state=case((trips, BreakerState.OPEN.value), else_=Breaker.state),
+                opened_at=case((trips, now), else_=Breaker.opened_at),
+                retry_at=case((trips, retry_at), else_=Breaker.retry_at),
+                updated_at=now,
+            )
+        )
+
     def clear_failures(self, name: str, now: datetime) -> bool:
-        with self.engine.begin() as conn:
-            cleared = conn.execute(
-                update(Breaker)
-                .where(Breaker.name == name, Breaker.state == BreakerState.CLOSED, Breaker.failure_count > 0)
-                .values(failure_count=0, updated_at=now)
-            ).rowcount
-        return bool(cleared)
+        return self._moved(
+            update(Breaker)
+            .where(Breaker.name == name, Breaker.state == BreakerState.CLOSED, Breaker.failure_count > 0)
+            .values(failure_count=0, updated_at=now)
+        )
 
     def try_probe(self, name: str, token: str, now: datetime, stale_before: datetime) -> bool:
-        with self.engine.begin() as conn:
-            won = conn.execute(
-                update(Breaker)
-                .where(
-                    Breaker.name == name,
-                    or_(
-                        (Breaker.state == BreakerState.OPEN) & (Breaker.retry_at <= now),
-                        (Breaker.state == BreakerState.HALF_OPEN)
-                        & (Breaker.probe_started_at <= stale_before),
-                    ),
-                )
-                .values(state=BreakerState.HALF_OPEN, probe_token=token, probe_started_at=now, updated_at=now)
-            ).rowcount
-        return bool(won)
+        return self._moved(
+            update(Breaker)
+            .where(
+                Breaker.name == name,
+                or_(
+                    (Breaker.state == BreakerState.OPEN) & (Breaker.retry_at <= now),
+                    (Breaker.state == BreakerState.HALF_OPEN) & (Breaker.probe_started_at <= stale_before),
+                ),
+            )
+            .values(state=BreakerState.HALF_OPEN, probe_token=token, probe_started_at=now, updated_at=now)
+        )
 
     def close_if_token(self, name: str, token: str, now: datetime) -> bool:
-        with self.engine.begin() as conn:
-            closed = conn.execute(
-                update(Breaker)
-                .where(Breaker.name == name, Breaker.probe_token == token)
-                .values(**_CLOSED, updated_at=now)
-            ).rowcount
-        return bool(closed)
+        return self._moved(
+            update(Breaker)
+            .where(Breaker.name == name, Breaker.probe_token == token)
+            .values(**_CLOSED, updated_at=now)
+        )
 
     def reopen_if_token(
         self, name: str, token: str, now: datetime, retry_at: datetime
     ) -> BreakerSnapshot | None:
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                update(Breaker)
-                .where(Breaker.name == name, Breaker.probe_token == token)
-                .values(
-                    state=BreakerState.OPEN,
-                    opened_at=now,
-                    retry_at=retry_at,
-                    probe_token=None,
-                    probe_started_at=None,
-                    updated_at=now,
-                )
-                .returning(*_SNAPSHOT_COLUMNS)
-            ).one_or_none()
-        return None if row is None else _sql_snapshot(row)
+        return self._moved_to(
+            update(Breaker)
+            .where(Breaker.name == name, Breaker.probe_token == token)
+            .values(
+                state=BreakerState.OPEN,
+                opened_at=now,
+                retry_at=retry_at,
+                probe_token=None,
+                probe_started_at=None,
+                updated_at=now,
+            )
+        )
 
     def reset(self, name: str, now: datetime) -> bool:
-        with self.engine.begin() as conn:
-            done = conn.execute(
-                update(Breaker).where(Breaker.name == name).values(**_CLOSED, updated_at=now)
-            ).rowcount
-        return bool(done)
+        return self._moved(update(Breaker).where(Breaker.name == name).values(**_CLOSED, updated_at=now))
 
     def view(self, name: str) -> BreakerView:
         with self.engine.connect() as conn:
             row = conn.execute(select(Breaker.__table__).where(Breaker.name == name)).one_or_none()
         if row is None:
             raise _not_found(name)
-        return _sql_view(row)
+        return breaker_view(row)
 
     def views(self) -> list[BreakerView]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(Breaker.__table__).order_by(Breaker.name)).all()
-        return [_sql_view(r) for r in rows]
+        return [breaker_view(r) for r in rows]

@@ -131,9 +131,13 @@ _CLAIM_AGAIN = _claim((JobState.PENDING, JobState.RUNNING, JobState.AGGREGATING)
 _FINALIZE = (
     update(Job)
     .where(Job.id == _JOB, Job.state == JobState.AGGREGATING)
-    .values(state=bindparam("j_state"), result=bindparam("j_result", type_=JSON),
-            error=bindparam("j_error", type_=Text), finished_at=_NOW)
-)  # fmt: skip
+    .values(
+        state=bindparam("j_state"),
+        result=bindparam("j_result", type_=JSON),
+        error=bindparam("j_error", type_=Text),
+        finished_at=_NOW,
+    )
+)
 
 
 @dataclass(frozen=True)

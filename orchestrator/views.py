@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from .models import FINAL_JOB_STATES
 
@@ -35,14 +35,14 @@ class BranchView:
     task: str
     queue: str
     args: Any
-    state: str
-    attempts: int
-    celery_task_id: str | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    result: Any
-    error: str | None
-    late: bool
+    state: str = "pending"
+    attempts: int = 0
+    celery_task_id: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: Any = None
+    error: str | None = None
+    late: bool = False
 
     @property
     def duration(self) -> float | None:
@@ -65,11 +65,11 @@ class JobView:
     branch_total: int
     branch_done: int
     created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    deadline_at: datetime | None
-    result: Any
-    error: str | None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    deadline_at: datetime | None = None
+    result: Any = None
+    error: str | None = None
     branches: tuple[BranchView, ...] = ()
 
     @property
@@ -104,38 +104,35 @@ class BreakerView:
     updated_at: datetime
 
 
+V = TypeVar("V")
+
+
+_FIELDS: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _field_names(view: type[Any]) -> tuple[str, ...]:
+    names = _FIELDS.get(view)
+    if names is None:
+        names = _FIELDS[view] = tuple(f.name for f in fields(view))
+    return names
+
+
+def from_row(view: type[V], row: Any, **given: Any) -> V:
+    """A view whose fields are read from `row`'s attributes of the same names (a SQL row, or any object
+    shaped like one), but for those `given`."""
+    return view(**{name: getattr(row, name) for name in _field_names(view) if name not in given}, **given)
+
+
 def branch_view(row: Any) -> BranchView:
     """A `branches` row as a view."""
-    return BranchView(
-        index=row.index,
-        task=row.task,
-        queue=row.queue,
-        args=row.args,
-        state=row.state,
-        attempts=row.attempts,
-        celery_task_id=row.celery_task_id,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        result=row.result,
-        error=row.error,
-        late=row.late,
-    )
+    return from_row(BranchView, row)
 
 
 def job_view(row: Any, branches: Sequence[Any]) -> JobView:
     """A `jobs` row (and its `branches` rows) as a view."""
-    return JobView(
-        id=str(row.id),
-        name=row.name,
-        state=row.state,
-        fan_in=row.fan_in,
-        branch_total=row.branch_total,
-        branch_done=row.branch_done,
-        created_at=row.created_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        deadline_at=row.deadline_at,
-        result=row.result,
-        error=row.error,
-        branches=tuple(branch_view(b) for b in branches),
-    )
+    return from_row(JobView, row, id=str(row.id), branches=tuple(branch_view(b) for b in branches))
+
+
+def breaker_view(row: Any) -> BreakerView:
+    """A `breakers` row (or a breaker storage's record of one) as a view."""
+    return from_row(BreakerView, row, state=str(row.state))

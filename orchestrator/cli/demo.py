@@ -22,8 +22,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.hits[self.path] += 1  # type: ignore[attr-defined]
-        kind, _, arg = self.path.lstrip("/").partition("/")
+        self.server.paths.append(self.path)  # type: ignore[attr-defined]
+        path, _, query = self.path.partition("?")
+        kind, _, arg = path.lstrip("/").partition("/")
         status, body = 200, b"hello, shard\n"
+        if kind == "redirect":  # /redirect?to=URL: a 302 to URL
+            self.send_response(302)
+            self.send_header("Location", query.removeprefix("to="))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if kind == "bytes" and arg.isdigit():
             body = b"x" * int(arg)
         elif kind == "status" and arg.isdigit():
@@ -47,10 +55,15 @@ class LocalServer(http.server.ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], handler: type[http.server.BaseHTTPRequestHandler]) -> None:
         super().__init__(address, handler)
         self.hits: Counter[str] = Counter()  # requests per path, so tests can see who was called
+        self.paths: list[str] = []  # every request's path, in order
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"http://127.0.0.1:{self.port}"
 
 
 @contextmanager

@@ -3,17 +3,15 @@ any connection and on every redirect hop, so a job spec cannot turn a worker int
 
 from __future__ import annotations
 
-import http.server
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from jobs import io
 from orchestrator import NO_DEADLINE, CircuitBreaker, database
+from orchestrator.cli.demo import LocalServer, local_http_server
 from orchestrator.hosts import host_allowed
 from orchestrator.policy import execute
 from orchestrator.registry import catalog
@@ -33,48 +31,11 @@ def allow(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     io.allowed_hosts.cache_clear()
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """/ok answers 200; /redirect?to=URL answers 302 to URL."""
-
-    def do_GET(self) -> None:
-        self.server.paths.append(self.path)  # type: ignore[attr-defined]
-        path, _, query = self.path.partition("?")
-        if path == "/redirect":
-            self.send_response(302)
-            self.send_header("Location", query.removeprefix("to="))
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = b"ok\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.paths: list[str] = []
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-
 @pytest.fixture
-def server() -> Iterator[_Server]:
-    s = _Server()
-    thread = threading.Thread(target=s.serve_forever, daemon=True)
-    thread.start()
-    try:
+def server() -> Iterator[LocalServer]:
+    """The demo's local API: /ok answers 200, /redirect?to=URL a 302 to URL."""
+    with local_http_server() as s:
         yield s
-    finally:
-        s.shutdown()
-        s.server_close()
 
 
 @pytest.fixture
@@ -130,30 +91,24 @@ def test_the_setting_is_read_once_per_process(monkeypatch: pytest.MonkeyPatch) -
     assert io.allowed_hosts() == (("a.example.com", None),)  # cached until cache_clear (a new worker)
 
 
-def test_fetch_url_refuses_a_host_not_on_the_list_without_connecting(
-    monkeypatch: pytest.MonkeyPatch, listener: socket.socket
+@pytest.mark.parametrize(
+    ("allowed", "probe", "refused"),
+    [
+        ("localhost", "fetch_url", r"refused '127\.0\.0\.1'.*ORCH_FETCH_ALLOWED_HOSTS"),
+        ("127.0.0.1:{other_port}", "fetch_url", "port {port}"),  # another port of an allowed host
+        ("db.internal", "tcp_probe", r"refused '127\.0\.0\.1'.*ORCH_FETCH_ALLOWED_HOSTS"),
+    ],
+)
+def test_a_host_not_on_the_list_is_refused_without_connecting(
+    monkeypatch: pytest.MonkeyPatch, listener: socket.socket, allowed: str, probe: str, refused: str
 ) -> None:
-    allow(monkeypatch, "localhost")
-    with pytest.raises(io.HostNotAllowed, match=r"refused '127\.0\.0\.1'.*ORCH_FETCH_ALLOWED_HOSTS"):
-        io.fetch_url(f"http://127.0.0.1:{port_of(listener)}/", timeout=2)
-    assert not was_connected(listener)
-
-
-def test_fetch_url_refuses_another_port_of_an_allowed_host(
-    monkeypatch: pytest.MonkeyPatch, listener: socket.socket
-) -> None:
-    allow(monkeypatch, f"127.0.0.1:{port_of(listener) + 1}")
-    with pytest.raises(io.HostNotAllowed, match=f"port {port_of(listener)}"):
-        io.fetch_url(f"http://127.0.0.1:{port_of(listener)}/", timeout=2)
-    assert not was_connected(listener)
-
-
-def test_tcp_probe_refuses_a_host_not_on_the_list_without_connecting(
-    monkeypatch: pytest.MonkeyPatch, listener: socket.socket
-) -> None:
-    allow(monkeypatch, "db.internal")
-    with pytest.raises(io.HostNotAllowed, match=r"refused '127\.0\.0\.1'.*ORCH_FETCH_ALLOWED_HOSTS"):
-        io.tcp_probe("127.0.0.1", port_of(listener), timeout=2)
+    port = port_of(listener)
+    allow(monkeypatch, allowed.format(other_port=port + 1))
+    with pytest.raises(io.HostNotAllowed, match=refused.format(port=port)):
+        if probe == "fetch_url":
+            io.fetch_url(f"http://127.0.0.1:{port}/", timeout=2)
+        else:
+            io.tcp_probe("127.0.0.1", port, timeout=2)
     assert not was_connected(listener)
 
 
@@ -163,15 +118,15 @@ def test_tcp_probe_reaches_an_allowed_host(monkeypatch: pytest.MonkeyPatch, list
     assert was_connected(listener)
 
 
-def test_an_allowed_local_host_is_fetched_with_the_default(server: _Server) -> None:
+def test_an_allowed_local_host_is_fetched_with_the_default(server: LocalServer) -> None:
     out = io.fetch_url(f"http://127.0.0.1:{server.port}/ok", timeout=5)
-    assert out["status"] == 200 and out["bytes"] == 3
+    assert out["status"] == 200 and out["bytes"] == len(b"hello, shard\n")
     assert io.guarded_fetch(f"http://localhost:{server.port}/ok", timeout=5)["status"] == 200
     assert server.paths == ["/ok", "/ok"]
 
 
 def test_a_redirect_between_allowed_hosts_is_followed(
-    monkeypatch: pytest.MonkeyPatch, server: _Server
+    monkeypatch: pytest.MonkeyPatch, server: LocalServer
 ) -> None:
     allow(monkeypatch, f"127.0.0.1:{server.port}")
     out = io.fetch_url(f"http://127.0.0.1:{server.port}/redirect?to=/ok", timeout=5)
@@ -180,7 +135,7 @@ def test_a_redirect_between_allowed_hosts_is_followed(
 
 
 def test_a_redirect_to_a_disallowed_host_is_refused_before_connecting(
-    monkeypatch: pytest.MonkeyPatch, server: _Server, listener: socket.socket
+    monkeypatch: pytest.MonkeyPatch, server: LocalServer, listener: socket.socket
 ) -> None:
     allow(monkeypatch, "127.0.0.1")  # not "localhost", although it is the same machine
     target = f"http://localhost:{port_of(listener)}/secret"
