@@ -25,6 +25,8 @@ class Mode:
     p4_runs: int
     p4_branch_seconds: float  # calibrated cpu work per branch
     p7_runs: int
+    p8_jobs: int = 1000  # jobs of 8 branches per bulk submit
+    p8_runs: int = 1
     p5_jobs: int = 50  # jobs with a stuck branch, each timed from its deadline to its final state
     p6_rejections: int = 2000  # open-breaker refusals timed (cached); a tenth of that uncached
     p6_calls: int = 100  # breaker-guarded vs unguarded branches, per side
@@ -50,6 +52,7 @@ MODES: dict[str, Mode] = {
         p4_runs=1,
         p4_branch_seconds=0.05,
         p7_runs=5,
+        p8_jobs=20,
         p5_jobs=4,
         p6_rejections=200,
         p6_calls=8,
@@ -92,5 +95,6 @@ MODES: dict[str, Mode] = {
         p6_rejections=20000,
         p6_calls=200,
         p7_runs=200,
+        p8_runs=3,
     ),
 }

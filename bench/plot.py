@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 # One colour per system in every panel.
-COLOURS = {"orchestrator": "C0", "celery-redis": "C1", "celery-redis-gevent": "C4", "celery-db": "C3"}
+COLOURS = {
+    "orchestrator": "C0",
+    "celery-redis": "C1",
+    "celery-rabbitmq": "C2",
+    "celery-redis-gevent": "C4",
+    "celery-db": "C3",
+}
 PANELS = (
     # scenario, y label, scale to display unit, floor line (display unit) and its label
     ("P1", "job latency, submit to final (s)", 1.0, 0.2, "slowest branch (200 ms)"),

@@ -19,10 +19,10 @@ from typing import Any
 
 from . import services
 from .modes import Mode
-from .scenarios import DB, GEVENT, IDEAL, ORCH, REDIS, Context, Scenario, ScenarioResult
+from .scenarios import DB, GEVENT, IDEAL, ORCH, RABBIT, REDIS, Context, Scenario, ScenarioResult
 from .systems import AsyncioIdeal, OrchestratorSystem, PlainCelerySystem, System
 
-SYSTEM_KEYS = (ORCH, REDIS, GEVENT, DB, IDEAL)
+SYSTEM_KEYS = (ORCH, REDIS, RABBIT, GEVENT, DB, IDEAL)
 
 
 @dataclass
@@ -56,10 +56,10 @@ def wanted_systems(
 
 def _service_versions(keys: Sequence[str]) -> dict[str, str]:
     probes: dict[str, Callable[[], str]] = {}
-    if ORCH in keys or DB in keys:
+    if {ORCH, DB, RABBIT} & set(keys):
         probes["postgresql"] = services.postgres_version
         probes["rabbitmq"] = services.rabbitmq_version
-    if REDIS in keys or GEVENT in keys:
+    if {REDIS, GEVENT, RABBIT} & set(keys):
         probes["redis"] = services.redis_version
     versions: dict[str, str] = {}
     for name, probe in probes.items():
@@ -73,8 +73,8 @@ def _service_versions(keys: Sequence[str]) -> dict[str, str]:
 def _build(keys: Sequence[str], stack: ExitStack, log_dir: Path) -> dict[str, System]:
     """Create each system's service namespaces (registered for removal) and the system itself."""
     built: dict[str, System] = {}
-    vhost = stack.enter_context(services.rabbitmq_vhost()) if ORCH in keys or DB in keys else ""
-    redis_url = stack.enter_context(services.redis_database()) if REDIS in keys or GEVENT in keys else ""
+    vhost = stack.enter_context(services.rabbitmq_vhost()) if {ORCH, DB, RABBIT} & set(keys) else ""
+    redis_url = stack.enter_context(services.redis_database()) if {REDIS, GEVENT, RABBIT} & set(keys) else ""
     for key in keys:
         if key == ORCH:
             home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-orch-")))
@@ -107,6 +107,19 @@ def _build(keys: Sequence[str], stack: ExitStack, log_dir: Path) -> dict[str, Sy
                 concurrency=1000 if gevent else 64,
                 log_dir=log_dir,
                 broker="redis",
+                backend="redis (atomic counter chord join)",
+            )
+        elif key == RABBIT:
+            built[key] = PlainCelerySystem(
+                key=RABBIT,
+                label="plain Celery chord (RabbitMQ broker, Redis backend, threads)",
+                broker_url=vhost,
+                backend_url=redis_url,
+                queue="bench-rabbitmq",
+                pool="threads",
+                concurrency=64,
+                log_dir=log_dir,
+                broker="rabbitmq",
                 backend="redis (atomic counter chord join)",
             )
         elif key == IDEAL:

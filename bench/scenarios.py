@@ -24,6 +24,7 @@ from .systems import OrchestratorSystem, System, Timing
 
 ORCH = "orchestrator"
 REDIS = "celery-redis"
+RABBIT = "celery-rabbitmq"
 GEVENT = "celery-redis-gevent"
 DB = "celery-db"
 IDEAL = "asyncio"
@@ -404,13 +405,14 @@ def breaker_costs(ctx: Context, out: ScenarioResult) -> None:
 # --- P7 ------------------------------------------------------------------------------------------
 
 
-@scenario("P7", "submit latency of an 8-branch job", ORCH, REDIS)
+@scenario("P7", "submit latency of an 8-branch job", ORCH, RABBIT, REDIS)
 def submit_latency(ctx: Context, out: ScenarioResult) -> None:
     """Only the submit call (SQL insert + publish for the orchestrator, the chord's apply_async for plain
     Celery); each job is waited for, untimed, before the next so that submits never compete with work.
     The chord_unlock system is left out: waiting ~1 s per submit buys no information about the submit."""
     width = 8
     out.params = {"branches": width, "branch_seconds": 0.0}
+    medians: dict[str, float] = {}
     for system in ctx.present():
         ctx.say(f"P7 {system.key}: {ctx.mode.warmup} warm-up + {ctx.mode.p7_runs} submits")
         samples = repeat(
@@ -418,6 +420,35 @@ def submit_latency(ctx: Context, out: ScenarioResult) -> None:
         )
         s = summarize(samples)
         out.measure(Measurement(system.key, "submit latency", "s", samples, ctx.mode.warmup))
+        medians[system.key] = s.median
         target = ("<=", 5.0) if system.key == ORCH else None
         out.figure("p50 submit", system.key, s.median * 1000, "ms", target)
         out.figure("p95 submit", system.key, s.p95 * 1000, "ms")
+    if ORCH in medians:
+        for key in (RABBIT, REDIS):
+            if key in medians:
+                # Submits per second from one thread, as a ratio: the plain chord's p50 over ours.
+                target = (">=", 2.0) if key == RABBIT else None
+                out.figure(f"submit rate ratio to {key}", ORCH, medians[key] / medians[ORCH], "x", target)
+
+
+@scenario("P8", "bulk submit: many 8-branch jobs from one process", ORCH, RABBIT, REDIS)
+def bulk_submit(ctx: Context, out: ScenarioResult) -> None:
+    """Jobs submitted per second from one thread: the orchestrator's submit_many (one transaction, one
+    broker connection), plain Celery's chords one apply_async after another (it has no bulk call).
+    Only the submitting is timed; the jobs then run, untimed, before the next run."""
+    width, jobs = 8, ctx.mode.p8_jobs
+    out.params = {"jobs": jobs, "branches": width}
+    rates: dict[str, float] = {}
+    for system in ctx.present():
+        ctx.say(f"P8 {system.key}: {ctx.mode.p8_runs} x {jobs} jobs")
+        system.bulk_submit_seconds(max(jobs // 10, 1), width)  # warm-up
+        samples = [system.bulk_submit_seconds(jobs, width) for _ in range(ctx.mode.p8_runs)]
+        m = out.measure(Measurement(system.key, "bulk submit", "s", samples, 1))
+        rates[system.key] = jobs / m.median
+        target = (">=", 1000.0) if system.key == ORCH else None
+        out.figure("jobs/s submitted", system.key, rates[system.key], "jobs/s", target)
+    if ORCH in rates:
+        for key in (RABBIT, REDIS):
+            if key in rates:
+                out.figure(f"bulk rate ratio to {key}", ORCH, rates[ORCH] / rates[key], "x")

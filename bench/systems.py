@@ -20,7 +20,7 @@ from typing import Any
 from celery import chord
 from celery.result import AsyncResult
 
-from orchestrator import JobView, Orchestrator, Settings, branch
+from orchestrator import JobSpec, JobView, Orchestrator, Settings, branch
 from orchestrator.cli.processes import (
     WorkerProcess,
     celery_executable,
@@ -93,6 +93,10 @@ class System(abc.ABC):
 
     def submit_seconds(self, width: int, seconds: float) -> float:
         """Time only the submit of one job (then wait for it untimed, so runs do not overlap)."""
+        raise BenchError(f"{self.key} has no submit step")
+
+    def bulk_submit_seconds(self, jobs: int, width: int) -> float:
+        """Time only the submit of `jobs` no-op jobs at once (then wait for them untimed)."""
         raise BenchError(f"{self.key} has no submit step")
 
     def _fail(self, what: str) -> BenchError:
@@ -229,6 +233,17 @@ class OrchestratorSystem(System):
             raise self._fail(f"job {view.id} ended {view.state}: {view.error}")
         return elapsed
 
+    def bulk_submit_seconds(self, jobs: int, width: int) -> float:
+        spec = JobSpec([branch("jobs.io.sleep", seconds=0.0) for _ in range(width)], "jobs.aggregate.collect")
+        started = time.perf_counter()
+        views = self.orc.submit_many([spec] * jobs)
+        elapsed = time.perf_counter() - started
+        for view in views:
+            final = self.orc.wait(view.id, timeout=JOB_TIMEOUT)
+            if final.state != "succeeded":
+                raise self._fail(f"job {final.id} ended {final.state}: {final.error}")
+        return elapsed
+
 
 def _phases(view: JobView, submitted: float) -> dict[str, float]:
     """Split one job's time by its SQL timestamps: where would a latency target be lost?"""
@@ -343,6 +358,14 @@ class PlainCelerySystem(System):
         result = self._submit(width, seconds)
         elapsed = time.perf_counter() - started
         self._get(result, width)
+        return elapsed
+
+    def bulk_submit_seconds(self, jobs: int, width: int) -> float:
+        started = time.perf_counter()
+        results = [self._submit(width, 0.0) for _ in range(jobs)]
+        elapsed = time.perf_counter() - started
+        for result in results:
+            self._get(result, width)
         return elapsed
 
 

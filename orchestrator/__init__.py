@@ -6,7 +6,7 @@ job = orc.submit([branch("jobs.io.sleep", seconds=0.2)] * 8, fan_in="jobs.aggreg
 print(orc.wait(job.id, timeout=30).state)
 """
 
-from .api import BranchSpec, Orchestrator, branch
+from .api import BranchSpec, JobSpec, Orchestrator, branch
 from .breaker import CircuitBreaker, circuit_breaker
 from .deadline import NO_DEADLINE, Deadline
 from .errors import (
@@ -49,6 +49,7 @@ __all__ = [
     "InvalidJobSpec",
     "JobAlreadyFinal",
     "JobNotFound",
+    "JobSpec",
     "JobState",
     "JobView",
     "Orchestrator",

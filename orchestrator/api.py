@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery import chord, group
-
 from . import breaker, database, registry
 from .app import app_for
 from .errors import ArgumentsNotSerializable, InvalidJobSpec, JobAlreadyFinal, PublishError, WaitTimeout
 from .models import FINAL_JOB_STATES, JobState, utcnow
-from .plan import JobPlan, plan
+from .plan import plan
+from .publisher import Outgoing, Publisher
 from .registry import TaskKind, TaskSpec
 from .settings import Settings
-from .store import NewBranch, Store, parse_job_id
-from .tasks import DEADLINE, FAN_IN, revoke
+from .store import NewBranch, NewJob, Store, parse_job_id
+from .tasks import revoke
 from .views import BranchView, BreakerView, JobView
 
 _NAME_MAX = 200
@@ -74,29 +75,77 @@ def _too_deep(values: Iterable[object]) -> bool:
     return False
 
 
-def _json_args(index: int, spec: BranchSpec) -> tuple[list[Any], dict[str, Any]]:
-    """Arguments must survive a JSON round trip unchanged; tuples become lists, anything else is refused."""
-    where = f"branch {index} ({spec.task})"
-    if _too_deep([*spec.args, *spec.kwargs.values()]):
-        raise InvalidJobSpec(f"{where}: arguments nest deeper than {MAX_ARGUMENT_DEPTH} levels")
+def _json_args(branches: Sequence[BranchSpec]) -> list[tuple[list[Any], dict[str, Any]]]:
+    """Arguments must survive a JSON round trip unchanged; tuples become lists, anything else is refused.
+    One round trip for the whole job (a wide job's submit is mostly this); a failure is then pinned on
+    its branch by trying them one by one."""
     try:
-        text = json.dumps([list(spec.args), spec.kwargs], allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ArgumentsNotSerializable(f"{where}: arguments are not JSON-serializable: {exc}") from None
-    args, kwargs = json.loads(text)
-    return args, kwargs
+        text = json.dumps([[list(b.args), b.kwargs] for b in branches], allow_nan=False)
+    except (TypeError, ValueError):
+        for i, b in enumerate(branches):
+            try:
+                json.dumps([list(b.args), b.kwargs], allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ArgumentsNotSerializable(
+                    f"branch {i} ({b.task}): arguments are not JSON-serializable: {exc}"
+                ) from None
+        raise  # unreachable: the whole failed, so one branch did
+    return [(args, kwargs) for args, kwargs in json.loads(text)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _arity_error(task: TaskSpec, positional: int, keywords: tuple[str, ...]) -> str | None:
+    """Why `positional` arguments and these keywords do not fit the function, or None. Binding checks
+    names and counts only, so it is cached by shape: a wide job of one task binds once."""
+    if task.accepts_deadline and "deadline" in keywords:
+        return "'deadline' is passed by the orchestrator, not by the job"
+    try:
+        task.signature.bind(*([None] * positional), **dict.fromkeys(keywords))
+    except TypeError as exc:
+        return str(exc)
+    return None
 
 
 def _check_call(index: int, task: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> None:
     """The arguments must fit the function's signature: a typo (`secs=` for `seconds=`) is refused at
-    submit, not discovered as a failed branch at run time. `deadline` is the orchestrator's to pass."""
-    where = f"branch {index} ({task.name})"
-    if task.accepts_deadline and "deadline" in kwargs:
-        raise InvalidJobSpec(f"{where}: 'deadline' is passed by the orchestrator, not by the job")
-    try:
-        task.signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise InvalidJobSpec(f"{where}: {exc}") from None
+    submit, not discovered as a failed branch at run time."""
+    error = _arity_error(task, len(args), tuple(sorted(kwargs)))
+    if error is not None:
+        raise InvalidJobSpec(f"branch {index} ({task.name}): {error}")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job to submit with `Orchestrator.submit_many`; the fields are `submit`'s arguments."""
+
+    branches: Sequence[BranchSpec]
+    fan_in: str
+    name: str | None = None
+    deadline: float | None = None
+    min_success: int | None = None
+    fan_in_timeout: float | None = None
+    idempotency_key: str | None = None
+
+
+def _submitted(job: NewJob, created_at: datetime, started_at: datetime | None) -> JobView:
+    """The view of a job as submitted, without reading back what was just written."""
+    return JobView(
+        id=str(job.id),
+        name=job.name,
+        state=JobState.RUNNING,
+        fan_in=job.fan_in,
+        branch_total=len(job.branches),
+        branch_done=0,
+        created_at=created_at,
+        started_at=started_at,
+        deadline_at=job.deadline_at,
+        branches=tuple(
+            BranchView(
+                i, b.task, b.queue, {"args": b.args, "kwargs": b.kwargs}, celery_task_id=b.celery_task_id
+            )
+            for i, b in enumerate(job.branches)
+        ),
+    )
 
 
 class Orchestrator:
@@ -107,6 +156,7 @@ class Orchestrator:
         self.app = app_for(self.settings)
         breaker.configure(self.settings)  # breakers used in this process share this deployment's database
         self.store = Store(self.settings.database_url)
+        self.publisher = Publisher(self.app, self.settings)
         if migrate is None:
             migrate = self.settings.is_sqlite  # the embedded default sets itself up
         if migrate:
@@ -116,25 +166,55 @@ class Orchestrator:
 
     # --- submit ------------------------------------------------------------------------------------
 
-    def _validate(self, branches: Sequence[BranchSpec], fan_in: object, name: str | None) -> list[NewBranch]:
-        registry.load(self.settings.imports)  # only submit needs the catalog: reads and cancel work on rows
+    def _branches(self, branches: Sequence[BranchSpec]) -> list[NewBranch]:
         if isinstance(branches, (str, bytes)) or not isinstance(branches, Sequence):
             raise InvalidJobSpec("branches must be a list of branch(...) specs")
         if not branches:
             raise InvalidJobSpec("a job needs at least one branch")
-        if name is not None and (not isinstance(name, str) or len(name) > _NAME_MAX):
-            raise InvalidJobSpec(f"name must be a string of at most {_NAME_MAX} characters")
-        registry.lookup(fan_in, expect=[TaskKind.AGGREGATOR])
-        new: list[NewBranch] = []
+        tasks: list[TaskSpec] = []
         for i, spec in enumerate(branches):
             if not isinstance(spec, BranchSpec):
                 raise InvalidJobSpec(f"branch {i} must be built with branch(task, ...), got {spec!r}")
-            task = registry.lookup(spec.task, expect=[TaskKind.IO, TaskKind.CPU])
-            args, kwargs = _json_args(i, spec)
+            tasks.append(registry.lookup(spec.task, expect=[TaskKind.IO, TaskKind.CPU]))
+            if _too_deep([*spec.args, *spec.kwargs.values()]):
+                raise InvalidJobSpec(
+                    f"branch {i} ({spec.task}): arguments nest deeper than {MAX_ARGUMENT_DEPTH} levels"
+                )
+        new = []
+        for i, (task, (args, kwargs)) in enumerate(zip(tasks, _json_args(branches), strict=True)):
             _check_call(i, task, args, kwargs)
-            queue = self.settings.queue_for(task.kind)
-            new.append(NewBranch(task.name, queue, args, kwargs))
+            new.append(NewBranch(task.name, self.settings.queue_for(task.kind), args, kwargs))
         return new
+
+    def _prepare(self, spec: JobSpec) -> tuple[NewJob, Outgoing]:
+        """Check one job whole (nothing is written for a bad one) and plan its messages."""
+        if spec.name is not None and (not isinstance(spec.name, str) or len(spec.name) > _NAME_MAX):
+            raise InvalidJobSpec(f"name must be a string of at most {_NAME_MAX} characters")
+        registry.lookup(spec.fan_in, expect=[TaskKind.AGGREGATOR])
+        job = plan(
+            self._branches(spec.branches),
+            batch_queue=self.settings.io_queue,
+            chunk_size=self.settings.io_chunk_size,
+        )
+        total = len(job.branches)
+        deadline = None if spec.deadline is None else _positive("deadline", spec.deadline)
+        min_success = spec.min_success
+        if min_success is not None and (
+            isinstance(min_success, bool) or not isinstance(min_success, int) or not 1 <= min_success <= total
+        ):
+            raise InvalidJobSpec(f"min_success must be an integer from 1 to {total}, got {min_success!r}")
+        timeout = _positive(
+            "fan_in_timeout",
+            self.settings.fan_in_timeout if spec.fan_in_timeout is None else spec.fan_in_timeout,
+        )
+        key = spec.idempotency_key
+        if key is not None and (not isinstance(key, str) or len(key) > _NAME_MAX):
+            raise InvalidJobSpec(f"idempotency_key must be a string of at most {_NAME_MAX} characters")
+        deadline_at = None if deadline is None else utcnow() + timedelta(seconds=deadline)
+        new = NewJob(
+            uuid.uuid4(), spec.name, str(spec.fan_in), job.branches, key, deadline_at, min_success, timeout
+        )
+        return new, self.publisher.outgoing(str(new.id), job, timeout, deadline_at)
 
     def submit(
         self,
@@ -147,97 +227,53 @@ class Orchestrator:
         fan_in_timeout: float | None = None,
         idempotency_key: str | None = None,
     ) -> JobView:
-        """Validate the whole spec, record the job and its branches, then publish one Celery chord.
+        """Validate the whole spec, record the job and its branches, then publish its messages.
 
         deadline: seconds from now; at the deadline the fan-in runs with what finished and the rest is
         timed_out. min_success: fewer succeeded branches fail the job without calling the aggregator.
         fan_in_timeout: the aggregator's soft time limit (default ORCH_FAN_IN_TIMEOUT).
+        idempotency_key: a job already submitted with this key is returned instead of a new one.
         """
-        job = plan(
-            self._validate(branches, fan_in, name),
-            batch_queue=self.settings.io_queue,
-            chunk_size=self.settings.io_chunk_size,
-        )
-        new = job.branches
-        if deadline is not None:
-            deadline = _positive("deadline", deadline)
-        if min_success is not None and (
-            isinstance(min_success, bool)
-            or not isinstance(min_success, int)
-            or not 1 <= min_success <= len(new)
-        ):
-            raise InvalidJobSpec(f"min_success must be an integer from 1 to {len(new)}, got {min_success!r}")
-        timeout = _positive(
-            "fan_in_timeout", self.settings.fan_in_timeout if fan_in_timeout is None else fan_in_timeout
-        )
-        if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or len(idempotency_key) > _NAME_MAX
-        ):
-            raise InvalidJobSpec(f"idempotency_key must be a string of at most {_NAME_MAX} characters")
-        deadline_at = None if deadline is None else utcnow() + timedelta(seconds=deadline)
-        job_id, created_at = self.store.create_job(
-            name=name,
-            fan_in=str(fan_in),
-            branches=new,
-            idempotency_key=idempotency_key,
-            deadline_at=deadline_at,
-            min_success=min_success,
-            fan_in_timeout=timeout,
-        )
-        if created_at is None:  # the idempotency key named an existing job
-            return self.store.get(job_id)
-        started_at = self._publish(str(job_id), job, timeout, deadline_at)
-        # The view as submitted, without reading back what was just written.
-        return JobView(
-            id=str(job_id),
-            name=name,
-            state=JobState.RUNNING,
-            fan_in=str(fan_in),
-            branch_total=len(new),
-            branch_done=0,
-            created_at=created_at,
-            started_at=started_at,
-            deadline_at=deadline_at,
-            branches=tuple(
-                BranchView(
-                    i, b.task, b.queue, {"args": b.args, "kwargs": b.kwargs}, celery_task_id=b.celery_task_id
-                )
-                for i, b in enumerate(new)
-            ),
-        )
+        spec = JobSpec(branches, fan_in, name, deadline, min_success, fan_in_timeout, idempotency_key)
+        (view,) = self.submit_many([spec])
+        return view
 
-    def _publish(
-        self, job_id: str, job: JobPlan, fan_in_timeout: float, deadline_at: datetime | None
-    ) -> datetime:
-        """Send the deadline watchdog (if any) and the chord; returns when the job was marked running."""
-        at = None if deadline_at is None else deadline_at.timestamp()
-        cpu_limit = None if at is None else max(at - time.time(), 0.001)
-        header = group(
-            self.app.signature(
-                m.task,
-                args=m.args(job_id, job.branches, at),
-                queue=m.queue,
-                task_id=m.task_id,
-                # prefork honours soft limits; a cpu branch also arms one at exactly the time left.
-                **({} if m.batch else {"soft_time_limit": cpu_limit}),
-            )
-            for m in job.messages
-        )
-        limits = {"soft_time_limit": fan_in_timeout, "time_limit": fan_in_timeout + 10}
-        body = self.app.signature(FAN_IN, args=(job_id,), queue=self.settings.fanin_queue, **limits)
-        uid = parse_job_id(job_id)
+    def submit_many(self, specs: Sequence[JobSpec]) -> list[JobView]:
+        """Submit many jobs at once: all are validated before anything is written (one bad spec raises
+        and writes nothing), all are recorded in one transaction, then published through one broker
+        connection. A job whose idempotency key names an existing job is not submitted again: that job
+        is returned in its place. Returns the views in the order of `specs`."""
+        registry.load(self.settings.imports)  # only submit needs the catalog: reads and cancel work on rows
+        prepared = [self._prepare(spec) for spec in specs]
+        if not prepared:
+            return []
+        outgoing = {new.id: out for new, out in prepared}
+        created = self.store.create_jobs([new for new, _ in prepared], also=self.publisher.record(outgoing))
+        fresh = [
+            (new, at) for (new, _), (job_id, at) in zip(prepared, created, strict=True) if at is not None
+        ]
+        started_at = self._publish([outgoing[new.id] for new, _ in fresh]) if fresh else None
+        views = {new.id: _submitted(new, at, started_at) for new, at in fresh}
+        return [views.get(job_id) or self.store.get(job_id) for job_id, _ in created]
+
+    def _publish(self, jobs: Sequence[Outgoing]) -> datetime:
+        """Send the recorded jobs; returns when they were marked running. Jobs that could not be sent are
+        marked failed with their branches cancelled, and PublishError names them."""
+        ids = [uuid.UUID(o.job_id) for o in jobs]
         try:
-            if deadline_at is not None:
-                # Before the chord: if this cannot be sent, nothing is. It survives worker restarts
-                # because an ETA message is only acked when it has run.
-                self.app.signature(
-                    DEADLINE, args=(job_id,), queue=self.settings.fanin_queue, **limits
-                ).apply_async(eta=deadline_at)
-            chord(header, body).apply_async()
-        except Exception as exc:
-            self.store.mark_failed_to_publish(uid, f"could not publish the job: {exc}")
-            raise PublishError(f"job {job_id} was recorded but could not be published: {exc}") from exc
-        return self.store.mark_published(uid)
+            self.publisher.send(jobs)
+        except PublishError as exc:
+            sent, unsent = ids[: exc.published], ids[exc.published :]
+            if sent:
+                self.store.mark_published(sent)
+            self.store.mark_failed_to_publish(unsent, f"could not publish the job: {exc}")
+            which = (
+                f"job {unsent[0]} was" if len(unsent) == 1 else f"{len(unsent)} jobs (from {unsent[0]}) were"
+            )
+            raise PublishError(
+                f"{which} recorded but could not be published: {exc}", published=exc.published
+            ) from exc
+        return self.store.mark_published(ids)
 
     def cancel(self, job_id: str) -> JobView:
         """Cancel a pending or running job: unfinished branches become cancelled and are revoked (running

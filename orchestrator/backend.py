@@ -30,6 +30,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    insert,
     literal,
     or_,
     select,
@@ -199,6 +200,20 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
                 )
             conn.execute(counter)
         self._sizes[group_id] = total
+
+    def add_chords(self, conn: Connection, chords: Sequence[tuple[str, int, dict[str, Any]]]) -> None:
+        """Counter rows for chords (group id, size, body) in the caller's transaction: a publisher that
+        sends the header messages itself records the join with the rows its body will read. Only for
+        bodies in `bodies_without_header_results`: no group result is stored for their join."""
+        if chords:
+            now = utcnow()
+            conn.execute(
+                insert(ChordCounter),
+                [
+                    {"group_id": g, "done": 0, "total": n, "fired": False, "body": body, "created_at": now}
+                    for g, n, body in chords
+                ],
+            )
 
     def set_chord_size(self, group_id: str, chord_size: int) -> None:
         if self._sizes.pop(group_id, None) == chord_size:

@@ -7,25 +7,31 @@ so engines are created lazily and forgotten in every forked child.
 
 from __future__ import annotations
 
+import enum
+import json
 import os
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 from sqlalchemy import (
+    JSON,
     ColumnElement,
     Connection,
     Engine,
     Float,
+    Table,
     Text,
     bindparam,
     cast,
     create_engine,
     event,
     func,
+    insert,
     inspect,
     select,
 )
@@ -38,6 +44,18 @@ _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 #: The Alembic scripts of a checkout (an editable install, or its root on sys.path): its alembic/.
 _MIGRATIONS = Path(__file__).resolve().parent.parent / "alembic"
+
+
+#: From how many rows `Dialect.insert_rows` uses COPY on PostgreSQL (below, an executemany is as quick).
+COPY_FROM = 100
+
+
+def _copy_value(value: Any, is_json: bool) -> Any:
+    if value is None:
+        return None
+    if is_json:
+        return json.dumps(value)
+    return str(value) if isinstance(value, enum.Enum) else value
 
 
 _NOTIFY = select(func.pg_notify(bindparam("channel", type_=Text), bindparam("payload", type_=Text)))
@@ -62,6 +80,23 @@ class Dialect:
         """Announce `payload` on `channel` when the transaction commits; nothing where it cannot."""
         if self.notifies:
             conn.execute(_NOTIFY, {"channel": channel, "payload": payload})
+
+    def insert_rows(self, conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert many rows of `table` (every row with the same keys) in the caller's transaction. On
+        PostgreSQL, past COPY_FROM rows, with COPY: one stream instead of a statement per row, which
+        is what makes a 50,000-branch job quick to record. Elsewhere an executemany."""
+        if not rows:
+            return
+        if self.name != "postgresql" or len(rows) < COPY_FROM:
+            conn.execute(insert(table), list(rows))
+            return
+        columns = list(rows[0])
+        as_json = {c.name for c in table.columns if isinstance(c.type, JSON)}
+        names = ", ".join(f'"{c}"' for c in columns)
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+            for row in rows:
+                copy.write_row([_copy_value(row[c], c in as_json) for c in columns])
 
     def seconds_between(self, start: Any, end: Any) -> ColumnElement[Any]:
         """`end - start` in seconds, in the database's own date arithmetic."""

@@ -66,7 +66,12 @@ class BreakerNotFound(OrchestratorError, LookupError):
 
 
 class PublishError(OrchestratorError):
-    """The job was recorded but its messages could not be sent; the job is marked failed."""
+    """Jobs were recorded but their messages could not be sent; those jobs are marked failed.
+    `published`: how many of the jobs submitted together went out whole before the failure."""
+
+    def __init__(self, message: str, *, published: int = 0) -> None:
+        super().__init__(message)
+        self.published = published
 
 
 class SchemaNotReady(OrchestratorError):

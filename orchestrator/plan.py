@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from .store import NewBranch
@@ -60,5 +60,5 @@ def plan(branches: Sequence[NewBranch], *, batch_queue: str, chunk_size: int) ->
             messages.append(Message(task, batch_queue, str(uuid.uuid4()), chunk, batch=True))
     messages.sort(key=lambda m: m.indexes[0])  # in submission order, as the branches were given
     owner = {i: m.task_id for m in messages for i in m.indexes}
-    recorded = tuple(replace(b, celery_task_id=owner[i]) for i, b in enumerate(branches))
+    recorded = tuple(NewBranch(b.task, b.queue, b.args, b.kwargs, owner[i]) for i, b in enumerate(branches))
     return JobPlan(recorded, tuple(messages))

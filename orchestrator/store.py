@@ -12,18 +12,18 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     JSON,
     Connection,
     Engine,
     Integer,
+    Table,
     Text,
     bindparam,
     delete,
     func,
-    insert,
     or_,
     select,
     update,
@@ -39,7 +39,11 @@ from .views import BranchOutcome, JobView, branch_view, job_view
 T = TypeVar("T")
 #: Work a caller adds to a store transaction (the result backend counts a chord part in it).
 AlsoInTransaction = Callable[[Connection], T]
+#: Work a caller adds to the transaction that inserts jobs, given the jobs inserted (the chord joins).
+AlsoWithJobs = Callable[[Connection, Sequence["NewJob"]], None]
 
+JOBS = cast(Table, Job.__table__)
+BRANCHES = cast(Table, Branch.__table__)
 _ACTIVE = (BranchState.PENDING, BranchState.RUNNING)
 _STOPPED = (BranchState.TIMED_OUT, BranchState.CANCELLED)
 _NOW = bindparam("now", type_=UTCDateTime())
@@ -150,6 +154,21 @@ class NewBranch:
 
 
 @dataclass(frozen=True)
+class NewJob:
+    """A validated job as the store records it; its id is chosen before the insert, so the messages
+    and the chord join can name it in the same transaction."""
+
+    id: uuid.UUID
+    name: str | None
+    fan_in: str
+    branches: Sequence[NewBranch]
+    idempotency_key: str | None = None
+    deadline_at: datetime | None = None
+    min_success: int | None = None
+    fan_in_timeout: float | None = None
+
+
+@dataclass(frozen=True)
 class SentAs:
     """The Celery message a branch task runs for: its task id and task name. Only the message a branch
     was published as may start or finish it."""
@@ -212,6 +231,32 @@ class Store:
 
     # --- submit ------------------------------------------------------------------------------------
 
+    def create_jobs(
+        self, jobs: Sequence[NewJob], also: AlsoWithJobs | None = None
+    ) -> list[tuple[uuid.UUID, datetime | None]]:
+        """Insert jobs and all their branches in one transaction, with `also` (the chord joins) in it too;
+        returns (id, created_at) per job, in order, and created_at None where the idempotency key named an
+        existing job (whose id is returned instead, and which is not inserted again). `also` is given the
+        connection and the jobs inserted."""
+        keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
+        for attempt in range(2):
+            existing = self._jobs_with_keys(keys)
+            fresh = [j for j in jobs if j.idempotency_key not in existing]
+            now = utcnow()
+            try:
+                if fresh:
+                    self._insert(fresh, now, also)
+                break
+            except IntegrityError:
+                # Submits with one key raced past the check above: the unique key let one insert win. Read
+                # the keys again; a second race on the same keys is not a race but a bug.
+                if attempt or not keys:
+                    raise
+        return [
+            (existing[j.idempotency_key], None) if j.idempotency_key in existing else (j.id, now)
+            for j in jobs
+        ]
+
     def create_job(
         self,
         *,
@@ -223,66 +268,52 @@ class Store:
         min_success: int | None = None,
         fan_in_timeout: float | None = None,
     ) -> tuple[uuid.UUID, datetime | None]:
-        """Insert the job and all its branches in one transaction; returns (id, created_at), and
-        created_at None when the idempotency key named an existing job (whose id is returned)."""
-        job_id = uuid.uuid4()
-        now = utcnow()
-        if idempotency_key is not None:
-            existing = self._job_with_key(idempotency_key)
-            if existing is not None:
-                return existing, None
-        try:
-            self._insert_job(
-                job_id, now, name, fan_in, branches, idempotency_key, deadline_at, min_success, fan_in_timeout
-            )
-        except IntegrityError:
-            # Two submits with one key raced past the check above: the unique key let one insert win.
-            existing = None if idempotency_key is None else self._job_with_key(idempotency_key)
-            if existing is None:
-                raise
-            return existing, None
-        return job_id, now
+        """create_jobs for one job given by its fields (a new id): (id, created_at), created_at None when
+        the idempotency key named an existing job."""
+        job = NewJob(
+            uuid.uuid4(), name, fan_in, branches, idempotency_key, deadline_at, min_success, fan_in_timeout
+        )
+        ((job_id, created_at),) = self.create_jobs([job])
+        return job_id, created_at
 
-    def _job_with_key(self, idempotency_key: str) -> uuid.UUID | None:
+    def _jobs_with_keys(self, keys: Sequence[str]) -> dict[str | None, uuid.UUID]:
+        if not keys:
+            return {}
         with self.engine.connect() as conn:
-            existing: uuid.UUID | None = conn.execute(
-                select(Job.id).where(Job.idempotency_key == idempotency_key)
-            ).scalar_one_or_none()
-        return existing
+            rows = conn.execute(
+                select(Job.idempotency_key, Job.id).where(Job.idempotency_key.in_(keys))
+            ).all()
+        return {key: job_id for key, job_id in rows}
 
-    def _insert_job(
-        self,
-        job_id: uuid.UUID,
-        now: datetime,
-        name: str | None,
-        fan_in: str,
-        branches: Sequence[NewBranch],
-        idempotency_key: str | None,
-        deadline_at: datetime | None,
-        min_success: int | None,
-        fan_in_timeout: float | None,
-    ) -> None:
+    def _insert(self, jobs: Sequence[NewJob], now: datetime, also: AlsoWithJobs | None) -> None:
+        rows = dialect(self.engine)
         with self.engine.begin() as conn:
-            conn.execute(
-                insert(Job).values(
-                    id=job_id,
-                    name=name,
-                    state=JobState.PENDING,
-                    fan_in=fan_in,
-                    idempotency_key=idempotency_key,
-                    deadline_at=deadline_at,
-                    min_success=min_success,
-                    fan_in_timeout=fan_in_timeout,
-                    branch_total=len(branches),
-                    branch_done=0,
-                    created_at=now,
-                )
-            )
-            conn.execute(
-                insert(Branch),
+            rows.insert_rows(
+                conn,
+                JOBS,
                 [
                     {
-                        "job_id": job_id,
+                        "id": j.id,
+                        "name": j.name,
+                        "state": JobState.PENDING,
+                        "fan_in": j.fan_in,
+                        "idempotency_key": j.idempotency_key,
+                        "deadline_at": j.deadline_at,
+                        "min_success": j.min_success,
+                        "fan_in_timeout": j.fan_in_timeout,
+                        "branch_total": len(j.branches),
+                        "branch_done": 0,
+                        "created_at": now,
+                    }
+                    for j in jobs
+                ],
+            )
+            rows.insert_rows(
+                conn,
+                BRANCHES,
+                [
+                    {
+                        "job_id": j.id,
                         "index": i,
                         "task": b.task,
                         "queue": b.queue,
@@ -292,30 +323,37 @@ class Store:
                         "celery_task_id": b.celery_task_id,
                         "late": False,
                     }
-                    for i, b in enumerate(branches)
+                    for j in jobs
+                    for i, b in enumerate(j.branches)
                 ],
             )
+            if also is not None:
+                also(conn, jobs)
 
-    def mark_published(self, job_id: uuid.UUID) -> datetime:
+    def mark_published(self, job_ids: Sequence[uuid.UUID]) -> datetime:
+        """pending -> running for jobs whose messages are out (one statement for a bulk submit)."""
         now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == JobState.PENDING)
+                .where(Job.id.in_(job_ids), Job.state == JobState.PENDING)
                 .values(state=JobState.RUNNING, started_at=now)
             )
         return now
 
-    def mark_failed_to_publish(self, job_id: uuid.UUID, error: str) -> None:
+    def mark_failed_to_publish(self, job_ids: Sequence[uuid.UUID], error: str) -> None:
+        """pending -> failed, with every branch cancelled, for jobs whose messages could not be sent."""
         now = utcnow()
         with self.engine.begin() as conn:
-            conn.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.PENDING)
-                .values(state=JobState.FAILED, error=error, finished_at=now)
-            )
-            self._stop_unfinished(conn, job_id, BranchState.CANCELLED, error, now)
-            notifications.announce(conn, job_id, JobState.FAILED)
+            for job_id in job_ids:  # the job row first, then its branches: the one lock order
+                failed = conn.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == JobState.PENDING)
+                    .values(state=JobState.FAILED, error=error, finished_at=now)
+                ).rowcount
+                if failed:
+                    self._stop_unfinished(conn, job_id, BranchState.CANCELLED, error, now)
+                    notifications.announce(conn, job_id, JobState.FAILED)
 
     # --- branches ----------------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = {"P1", "P2", "P3", "P4", "P5", "P6", "P7"}
-SYSTEMS = {"orchestrator", "celery-redis", "celery-redis-gevent", "celery-db", "asyncio"}
+SCENARIOS = {"P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8"}
+SYSTEMS = {"orchestrator", "celery-redis", "celery-rabbitmq", "celery-redis-gevent", "celery-db", "asyncio"}
 
 
 def run_smoke(out: Path, markdown: Path, timeout: float = 100) -> subprocess.CompletedProcess[str]:

@@ -47,4 +47,7 @@ def test_the_alembic_folder_never_shadows_the_library() -> None:
     """pytest puts the repository root on sys.path; alembic/ there has no __init__.py, so it is at most a
     namespace portion, which the installed library (a regular package) wins over."""
     assert not (ROOT / "alembic" / "__init__.py").exists()
-    assert not Path(alembic.__file__).resolve().is_relative_to(ROOT)
+    library = Path(alembic.__file__).resolve()
+    # The library, never the migrations folder (the virtualenv may itself live in the checkout).
+    assert not library.is_relative_to(ROOT / "alembic")
+    assert library.name == "__init__.py" and (library.parent / "command.py").is_file()

@@ -29,7 +29,7 @@ def _job(store: Store, n: int) -> uuid.UUID:
         fan_in="jobs.aggregate.collect",
         branches=[NewBranch("jobs.cpu.count_primes", "cpu", [0], {}, _sent(i).task_id) for i in range(n)],
     )
-    store.mark_published(job_id)
+    store.mark_published([job_id])
     return job_id
 
 
@@ -93,7 +93,7 @@ def test_a_fan_in_may_claim_a_job_the_client_has_not_yet_marked_published(store:
     )
     assert store.get(job_id).state == "pending"
     assert store.claim_fan_in(job_id) is not None
-    store.mark_published(job_id)
+    store.mark_published([job_id])
     assert store.get(job_id).state == "aggregating"
 
 

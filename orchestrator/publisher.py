@@ -1,0 +1,166 @@
+"""Sending planned jobs to the broker: the deadline watchdog first, then every branch message, each an
+ordinary Celery task message named after its catalog task and carrying the chord body (the fan-in).
+
+Celery's canvas (`chord(group(...), body).apply_async()`) clones, freezes and walks signatures on every
+call and writes the chord join in a transaction of its own: about half of a submit's time. When the
+result backend is the orchestrator's SQLBackend the publisher does neither: the join's counter row is
+written in the same transaction as the job's rows (`record`), and the messages go out through one
+producer with `send_task`, which is what the canvas calls in the end. Any other result backend (Redis)
+keeps the canvas, which is how that backend learns about its chords.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from celery import Celery, chord, group
+from sqlalchemy import Connection
+
+from .backend import SQLBackend
+from .errors import PublishError
+from .plan import JobPlan
+from .settings import Settings
+from .store import AlsoWithJobs, NewJob
+from .tasks import DEADLINE, FAN_IN
+
+#: What Flower and the worker's log show of a message's arguments (Celery's own limit).
+REPR_MAX = 1024
+
+
+def _repr(args: tuple[Any, ...]) -> str:
+    """The arguments as Flower shows them. Celery's saferepr walks every value in Python, which was a
+    third of a wide job's submit; plain repr is C, cut to the same length."""
+    text = repr(args)
+    return text if len(text) <= REPR_MAX else text[: REPR_MAX - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One job's messages, ready to send: its plan, its chord's group id and body, its limits."""
+
+    job_id: str
+    plan: JobPlan
+    group_id: str
+    body: dict[str, Any]
+    limits: dict[str, float]
+    deadline_at: datetime | None
+
+
+class Publisher:
+    """Publishes planned jobs on one app (see the module docstring for the two paths)."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    @property
+    def joins_in_sql(self) -> bool:
+        """True when the chord join is our SQL counter, so it is written with the job's rows."""
+        return isinstance(self.app.backend, SQLBackend)
+
+    def outgoing(
+        self, job_id: str, plan: JobPlan, fan_in_timeout: float, deadline_at: datetime | None
+    ) -> Outgoing:
+        limits = {"soft_time_limit": fan_in_timeout, "time_limit": fan_in_timeout + 10}
+        body = self.app.signature(
+            FAN_IN, args=(job_id,), queue=self.settings.fanin_queue, task_id=str(uuid.uuid4()), **limits
+        )
+        return Outgoing(job_id, plan, str(uuid.uuid4()), dict(body), limits, deadline_at)
+
+    def record(self, jobs: Mapping[uuid.UUID, Outgoing]) -> AlsoWithJobs | None:
+        """What to write in the jobs' own insert transaction: the counter rows of the chords of those
+        inserted (SQL joins only)."""
+        backend = self.app.backend
+        if not isinstance(backend, SQLBackend):
+            return None
+
+        def add_chords(conn: Connection, inserted: Sequence[NewJob]) -> None:
+            chords = [(o.group_id, len(o.plan.messages), o.body) for o in (jobs[j.id] for j in inserted)]
+            backend.add_chords(conn, chords)
+
+        return add_chords
+
+    def send(self, jobs: Sequence[Outgoing]) -> None:
+        """Send every job's messages; raises PublishError on the first job that could not be sent whole,
+        saying how many jobs before it went out."""
+        done = 0
+        try:
+            if self.joins_in_sql:
+                with self.app.producer_or_acquire() as producer:
+                    for job in jobs:
+                        self._send(job, producer)
+                        done += 1
+            else:
+                for job in jobs:
+                    self._send_canvas(job)
+                    done += 1
+        except Exception as exc:
+            raise PublishError(str(exc), published=done) from exc
+
+    def _deadline(self, job: Outgoing, producer: Any) -> None:
+        """Before the branches: if this cannot be sent, nothing is. It survives worker restarts because
+        an ETA message is only acked when it has run."""
+        if job.deadline_at is not None:
+            self.app.send_task(
+                DEADLINE,
+                args=(job.job_id,),
+                queue=self.settings.fanin_queue,
+                eta=job.deadline_at,
+                producer=producer,
+                ignore_result=True,
+                add_to_parent=False,
+                **job.limits,
+            )
+
+    def _cpu_limit(self, job: Outgoing) -> dict[str, float]:
+        """prefork honours soft limits; a cpu branch also arms one at exactly the time left."""
+        if job.deadline_at is None:
+            return {}
+        return {
+            "soft_time_limit": max(
+                (job.deadline_at - datetime.now(job.deadline_at.tzinfo)).total_seconds(), 0.001
+            )
+        }
+
+    def _send(self, job: Outgoing, producer: Any) -> None:
+        self._deadline(job, producer)
+        at = None if job.deadline_at is None else job.deadline_at.timestamp()
+        cpu_limit = self._cpu_limit(job)
+        for index, m in enumerate(job.plan.messages):
+            args = m.args(job.job_id, job.plan.branches, at)
+            self.app.send_task(
+                m.task,
+                args=args,
+                argsrepr=_repr(args),
+                kwargsrepr="{}",
+                task_id=m.task_id,
+                group_id=job.group_id,
+                group_index=index,
+                chord=job.body,
+                queue=m.queue,
+                producer=producer,
+                ignore_result=True,
+                add_to_parent=False,
+                **({} if m.batch else cpu_limit),
+            )
+
+    def _send_canvas(self, job: Outgoing) -> None:
+        with self.app.producer_or_acquire() as producer:
+            self._deadline(job, producer)
+        at = None if job.deadline_at is None else job.deadline_at.timestamp()
+        cpu_limit = self._cpu_limit(job)
+        header = group(
+            self.app.signature(
+                m.task,
+                args=m.args(job.job_id, job.plan.branches, at),
+                queue=m.queue,
+                task_id=m.task_id,
+                **({} if m.batch else cpu_limit),
+            )
+            for m in job.plan.messages
+        )
+        chord(header, self.app.signature(job.body)).apply_async()
