@@ -6,6 +6,7 @@ job = orc.submit([branch("jobs.io.sleep", seconds=0.2)] * 8, fan_in="jobs.aggreg
 print(orc.wait(job.id, timeout=30).state)
 """
 
+from .aio import AsyncOrchestrator
 from .api import BranchSpec, JobSpec, Orchestrator, branch
 from .breaker import CircuitBreaker, circuit_breaker
 from .deadline import NO_DEADLINE, Deadline
@@ -34,6 +35,7 @@ from .views import BranchOutcome, BranchView, BreakerView, JobView
 __all__ = [
     "NO_DEADLINE",
     "ArgumentsNotSerializable",
+    "AsyncOrchestrator",
     "BranchOutcome",
     "BranchSpec",
     "BranchState",

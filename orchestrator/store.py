@@ -241,7 +241,12 @@ class Store:
         keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
         for attempt in range(2):
             existing = self._jobs_with_keys(keys)
-            fresh = [j for j in jobs if j.idempotency_key not in existing]
+            fresh = []
+            for j in jobs:  # one key twice in one call: the first job is the one
+                if j.idempotency_key not in existing:
+                    fresh.append(j)
+                    if j.idempotency_key is not None:
+                        existing[j.idempotency_key] = j.id
             now = utcnow()
             try:
                 if fresh:
@@ -252,10 +257,8 @@ class Store:
                 # the keys again; a second race on the same keys is not a race but a bug.
                 if attempt or not keys:
                     raise
-        return [
-            (existing[j.idempotency_key], None) if j.idempotency_key in existing else (j.id, now)
-            for j in jobs
-        ]
+        inserted = {j.id for j in fresh}
+        return [(j.id, now) if j.id in inserted else (existing[j.idempotency_key], None) for j in jobs]
 
     def create_job(
         self,

@@ -94,3 +94,9 @@ def timed_sleep(seconds: float) -> dict[str, float]:
     started = time.time()
     time.sleep(seconds)
     return {"started": started, "finished": time.time()}
+
+
+@io_task
+def echo(value: Any) -> Any:
+    """Returns its argument: what a branch received is what it was submitted with."""
+    return value

@@ -159,3 +159,16 @@ def test_a_wide_job_runs_its_io_branches_in_batches(stack: Stack) -> None:
     io = view.branches[:98]
     assert _all_in_flight_together(io)
     assert view.result["states"] == {"failed": 1, "succeeded": 99}
+
+
+def test_a_wide_job_recorded_in_one_stream_runs(pg_stack: Stack) -> None:
+    """Past a hundred rows PostgreSQL records a job's branches with COPY: JSON arguments, ids and states
+    come back as submitted, and every branch runs once."""
+    orc = pg_stack.orc
+    args = [{"n": i, "tags": ["a", None, {"deep": [i]}], "text": "quote ' and tab\t"} for i in range(300)]
+    job = orc.submit([branch("tests.catalog.echo", a) for a in args], "jobs.aggregate.collect")
+    view = orc.wait(job.id, timeout=60)
+    assert view.state == "succeeded", pg_stack.logs()
+    assert [b.args for b in view.branches] == [{"args": [a], "kwargs": {}} for a in args]
+    assert [b.result for b in view.branches] == args
+    assert all(b.attempts == 1 for b in view.branches)

@@ -10,6 +10,7 @@ from orchestrator import (
     ArgumentsNotSerializable,
     InvalidJobSpec,
     JobNotFound,
+    JobSpec,
     Orchestrator,
     UnknownTask,
     WaitTimeout,
@@ -203,3 +204,46 @@ def test_arguments_nested_up_to_the_limit_are_accepted(embedded_orc: Orchestrato
     )
     assert job.branches[0].args == {"args": [_nested(MAX_ARGUMENT_DEPTH), 1], "kwargs": {}}
     assert row_counts(embedded_orc) == (1, 2)
+
+
+# --- submit_many -----------------------------------------------------------------------------------
+
+
+def test_submit_many_is_all_or_nothing(embedded_orc: Orchestrator) -> None:
+    good = JobSpec([branch("jobs.io.sleep", 0.1)], "jobs.aggregate.collect")
+    bad = JobSpec([branch("jobs.io.sleep", secs=1)], "jobs.aggregate.collect")
+    with pytest.raises(InvalidJobSpec, match="missing a required argument: 'seconds'"):
+        embedded_orc.submit_many([good, good, bad])
+    assert row_counts(embedded_orc) == (0, 0)
+    assert _published(embedded_orc) == []
+
+
+def test_submit_many_records_and_publishes_every_job_in_order(embedded_orc: Orchestrator) -> None:
+    specs = [
+        JobSpec([branch("jobs.io.sleep", 0.1)] * 3, "jobs.aggregate.collect", name=f"job-{i}")
+        for i in range(5)
+    ]
+    views = embedded_orc.submit_many(specs)
+    assert [v.name for v in views] == [f"job-{i}" for i in range(5)]
+    assert all(v.state == "running" and v.branch_total == 3 for v in views)
+    assert row_counts(embedded_orc) == (5, 15)
+    assert len(_published(embedded_orc)) == 5  # one io batch message per job
+    assert {v.id for v in embedded_orc.list(state="running")} == {v.id for v in views}
+    assert embedded_orc.submit_many([]) == []
+
+
+def test_submit_many_honours_each_jobs_idempotency_key(embedded_orc: Orchestrator) -> None:
+    first = embedded_orc.submit([branch("jobs.io.sleep", 0.1)], "jobs.aggregate.collect", idempotency_key="a")
+    views = embedded_orc.submit_many(
+        [
+            JobSpec([branch("jobs.io.sleep", 0.1)], "jobs.aggregate.collect", idempotency_key="a"),
+            JobSpec([branch("jobs.io.sleep", 0.1)], "jobs.aggregate.collect", idempotency_key="b"),
+            JobSpec([branch("jobs.io.sleep", 0.1)], "jobs.aggregate.collect", idempotency_key="b"),
+            JobSpec([branch("jobs.io.sleep", 0.1)], "jobs.aggregate.collect"),
+        ]
+    )
+    assert views[0].id == first.id
+    assert views[1].id == views[2].id != first.id  # one key twice in one call: one job
+    assert len({v.id for v in views}) == 3
+    assert row_counts(embedded_orc) == (3, 3)
+    assert len(_published(embedded_orc)) == 3
