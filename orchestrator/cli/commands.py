@@ -24,6 +24,7 @@ from ..errors import OrchestratorError
 from ..models import BreakerState, JobState
 from ..settings import Settings
 from ..views import BreakerView, JobView
+from .credentials import basic_auth_pairs
 from .display import clean, console, make_console, print_job, print_table, safe, styled, watch_job
 
 if TYPE_CHECKING:
@@ -167,20 +168,7 @@ def worker(kind: str, concurrency: int | None, hostname: str | None) -> None:
 def _check_flower_auth(value: str | None) -> None:
     """Flower can revoke and kill tasks: refuse to start it without real credentials, including the
     .env.example placeholders, which would be public knowledge."""
-    if not value:
-        raise click.UsageError("set FLOWER_BASIC_AUTH=user:password: Flower can revoke and kill tasks")
-    for pair in value.split(","):
-        user, sep, password = pair.partition(":")
-        if not sep or not user.strip() or not password.strip():
-            raise click.UsageError(
-                "FLOWER_BASIC_AUTH must be user:password (comma-separate several), each with a user "
-                "and a non-empty password"
-            )
-        if "change-me" in password.lower():
-            raise click.UsageError(
-                f"FLOWER_BASIC_AUTH: the password of {clean(user)!r} is the .env.example placeholder; "
-                "choose a real one"
-            )
+    basic_auth_pairs("FLOWER_BASIC_AUTH", value, "Flower can revoke and kill tasks")
 
 
 @main.command()
@@ -530,6 +518,80 @@ def metrics(port: int, address: str) -> None:
     )
     click.echo(f"serving metrics on http://{address}:{server.server_port}/metrics", err=True)
     server.serve_forever()
+
+
+def _flower_link(url: str | None) -> str | None:
+    """Flower's base URL as the browser reaches it, checked: branches link to `<url>/task/<task id>`."""
+    if not url:
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--flower-url/ORCH_FLOWER_URL")
+    return url.rstrip("/")
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@main.command()
+@click.option(
+    "--port",
+    envvar="ORCH_WEB_PORT",
+    default=8808,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Where to listen (env ORCH_WEB_PORT); 0 picks a free port.",
+)
+@click.option(
+    "--address",
+    envvar="ORCH_WEB_ADDRESS",
+    default="127.0.0.1",
+    show_default=True,
+    help="Where to listen (env ORCH_WEB_ADDRESS); 0.0.0.0 for every interface, e.g. in a container.",
+)
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="Serve without credentials; only on a loopback address (127.0.0.1 or ::1).",
+)
+@click.option(
+    "--flower-url",
+    envvar="ORCH_FLOWER_URL",
+    metavar="URL",
+    help="Flower as the browser reaches it (env ORCH_FLOWER_URL): each branch links to its task there.",
+)
+def web(port: int, address: str, no_auth: bool, flower_url: str | None) -> None:
+    """Serve jobs, branches, timelines and breakers in the browser, with live progress; cancel jobs and
+    reset breakers. Basic auth comes from ORCH_WEB_BASIC_AUTH (user:password, comma-separate several)."""
+    raw = os.environ.get("ORCH_WEB_BASIC_AUTH")
+    credentials: dict[str, str] | None = None
+    if no_auth:
+        if raw:
+            raise click.UsageError("--no-auth was given but ORCH_WEB_BASIC_AUTH is set: choose one")
+        if not _loopback(address):
+            raise click.UsageError(
+                f"--no-auth is only allowed on a loopback address (127.0.0.1 or ::1), not {clean(address)!r}"
+            )
+    else:
+        credentials = basic_auth_pairs(
+            "ORCH_WEB_BASIC_AUTH",
+            raw,
+            "the web view can cancel jobs and reset breakers (or pass --no-auth on 127.0.0.1)",
+        )
+    link = _flower_link(flower_url)
+    from ..web import WebConfig, create_app, serve
+
+    orc = _orchestrator()
+    app = create_app(orc, WebConfig(credentials=credentials, flower_url=link))
+    serve(app, address, port, announce=lambda line: click.echo(line, err=True))
 
 
 @main.command()

@@ -44,13 +44,15 @@ pytestmark = pytest.mark.integration
 
 SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"
 SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"
-PROJECT_SERVICES = {MIGRATE_SERVICE, *WORKER_SERVICES.values(), FLOWER_SERVICE}
+WEB_SERVICE = "web"
+PROJECT_SERVICES = {MIGRATE_SERVICE, *WORKER_SERVICES.values(), FLOWER_SERVICE, WEB_SERVICE}
 PROJECT_COMMANDS = {
     MIGRATE_SERVICE: ["orchestrator", "db", "upgrade"],
     "worker-io": ["orchestrator", "worker", "io", "--hostname", "io@%h"],
     "worker-cpu": ["orchestrator", "worker", "cpu", "--hostname", "cpu@%h"],
     "worker-fanin": ["orchestrator", "worker", "fanin", "--hostname", "fanin@%h"],
     FLOWER_SERVICE: ["orchestrator", "flower"],
+    WEB_SERVICE: ["orchestrator", "web"],
 }
 SECRET_KEY = re.compile(r"PASS|PASSWORD|SECRET|TOKEN|BASIC_AUTH", re.IGNORECASE)
 REQUIRED_VARIABLE = re.compile(r"\$\{[A-Z_][A-Z0-9_]*:\?[^}]+\}")
@@ -151,7 +153,10 @@ def test_workers_wait_for_a_healthy_database_and_broker_and_a_finished_migration
     assert services[MIGRATE_SERVICE]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services[MIGRATE_SERVICE]["restart"] == "no"
     assert services[FLOWER_SERVICE]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
-    for name in ("postgres", "rabbitmq", "redis", FLOWER_SERVICE):
+    web_deps = services[WEB_SERVICE]["depends_on"]
+    assert web_deps["migrate"]["condition"] == "service_completed_successfully"
+    assert web_deps["rabbitmq"]["condition"] == "service_healthy"  # a cancel revokes through the broker
+    for name in ("postgres", "rabbitmq", "redis", FLOWER_SERVICE, WEB_SERVICE):
         assert services[name]["healthcheck"]["test"], name
         assert services[name]["restart"] == "unless-stopped", name
     io_env = services["worker-io"]["environment"]
@@ -161,7 +166,7 @@ def test_workers_wait_for_a_healthy_database_and_broker_and_a_finished_migration
 def test_no_secret_is_written_in_the_compose_file(services: dict[str, Any]) -> None:
     text = COMPOSE_FILE.read_text()
     required = required_variables(text)
-    assert required == {"POSTGRES_PASSWORD", "RABBITMQ_PASSWORD", "FLOWER_BASIC_AUTH"}
+    assert required == {"POSTGRES_PASSWORD", "RABBITMQ_PASSWORD", "FLOWER_BASIC_AUTH", "ORCH_WEB_BASIC_AUTH"}
     # With each required variable standing for itself, every password in a URL must be one of them.
     markers = {name: f"<{name}>" for name in required}
     for name, service in services.items():
