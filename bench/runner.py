@@ -70,6 +70,37 @@ def _service_versions(keys: Sequence[str]) -> dict[str, str]:
     return versions
 
 
+_REDIS_JOIN = "redis (atomic counter chord join)"
+
+
+def _plain(
+    key: str,
+    label: str,
+    broker_url: str,
+    backend_url: str,
+    broker: str,
+    backend: str,
+    log_dir: Path,
+    *,
+    pool: str = "threads",
+    polling_join: bool = False,
+) -> PlainCelerySystem:
+    """A plain Celery chord system on its own queue: 64 threads, or 1000 greenlets under gevent."""
+    return PlainCelerySystem(
+        key=key,
+        label=label,
+        broker_url=broker_url,
+        backend_url=backend_url,
+        queue=f"bench-{key}",
+        pool=pool,
+        concurrency=1000 if pool == "gevent" else 64,
+        log_dir=log_dir,
+        broker=broker,
+        backend=backend,
+        polling_join=polling_join,
+    )
+
+
 def _build(keys: Sequence[str], stack: ExitStack, log_dir: Path) -> dict[str, System]:
     """Create each system's service namespaces (registered for removal) and the system itself."""
     built: dict[str, System] = {}
@@ -82,46 +113,18 @@ def _build(keys: Sequence[str], stack: ExitStack, log_dir: Path) -> dict[str, Sy
             built[key] = OrchestratorSystem(db, vhost, home, log_dir)
         elif key == DB:
             db = stack.enter_context(services.postgres_database("celery"))
-            built[key] = PlainCelerySystem(
-                key=DB,
-                label="plain Celery chord (RabbitMQ, database backend, chord_unlock polling)",
-                broker_url=vhost,
-                backend_url="db+" + db,
-                queue="bench-db",
-                pool="threads",
-                concurrency=64,
-                log_dir=log_dir,
-                broker="rabbitmq",
-                backend="celery database backend (PostgreSQL, chord_unlock every 1 s)",
-                polling_join=True,
+            label = "plain Celery chord (RabbitMQ, database backend, chord_unlock polling)"
+            backend = "celery database backend (PostgreSQL, chord_unlock every 1 s)"
+            built[key] = _plain(
+                key, label, vhost, "db+" + db, "rabbitmq", backend, log_dir, polling_join=True
             )
         elif key in (REDIS, GEVENT):
-            gevent = key == GEVENT
-            built[key] = PlainCelerySystem(
-                key=key,
-                label=f"plain Celery chord (Redis broker + backend, {'gevent' if gevent else 'threads'})",
-                broker_url=redis_url,
-                backend_url=redis_url,
-                queue=f"bench-{'gevent' if gevent else 'threads'}",
-                pool="gevent" if gevent else "threads",
-                concurrency=1000 if gevent else 64,
-                log_dir=log_dir,
-                broker="redis",
-                backend="redis (atomic counter chord join)",
-            )
+            pool = "gevent" if key == GEVENT else "threads"
+            label = f"plain Celery chord (Redis broker + backend, {pool})"
+            built[key] = _plain(key, label, redis_url, redis_url, "redis", _REDIS_JOIN, log_dir, pool=pool)
         elif key == RABBIT:
-            built[key] = PlainCelerySystem(
-                key=RABBIT,
-                label="plain Celery chord (RabbitMQ broker, Redis backend, threads)",
-                broker_url=vhost,
-                backend_url=redis_url,
-                queue="bench-rabbitmq",
-                pool="threads",
-                concurrency=64,
-                log_dir=log_dir,
-                broker="rabbitmq",
-                backend="redis (atomic counter chord join)",
-            )
+            label = "plain Celery chord (RabbitMQ broker, Redis backend, threads)"
+            built[key] = _plain(key, label, vhost, redis_url, "rabbitmq", _REDIS_JOIN, log_dir)
         elif key == IDEAL:
             built[key] = AsyncioIdeal()
     return built

@@ -124,21 +124,13 @@ class AsyncOrchestrator:
         uid = parse_job_id(job_id)
         orc = await self._orchestrator()
         deadline = time.monotonic() + timeout
-        if not orc.store.notifies:
-            while True:
-                view = await self._run(orc.store.get, uid)
-                if view.state in FINAL_JOB_STATES:
-                    return view
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise WaitTimeout(str(job_id), timeout, view.state)
-                await asyncio.sleep(min(poll, left))
-        listener = self._listener
-        if listener is None:
-            url = make_url(orc.settings.database_url).set(drivername="postgresql")
-            listener = self._listener = _Listener(url.render_as_string(hide_password=False))
-        channel = notifications.channel(uid)
-        announced = await listener.watch(channel)  # before reading the row: no final move is missed
+        announced: asyncio.Event | None = None
+        if orc.store.notifies:
+            if self._listener is None:
+                url = make_url(orc.settings.database_url).set(drivername="postgresql")
+                self._listener = _Listener(url.render_as_string(hide_password=False))
+            listener, channel = self._listener, notifications.channel(uid)
+            announced = await listener.watch(channel)  # before reading the row: no final move is missed
         try:
             while True:
                 view = await self._run(orc.store.get, uid)
@@ -147,11 +139,15 @@ class AsyncOrchestrator:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WaitTimeout(str(job_id), timeout, view.state)
+                if announced is None:
+                    await asyncio.sleep(min(poll, left))
+                    continue
                 announced.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(announced.wait(), min(1.0, left))
         finally:
-            await listener.unwatch(channel, announced)
+            if announced is not None:
+                await listener.unwatch(channel, announced)
 
     async def close(self) -> None:
         """Close the LISTEN connection and free the threads (waiting for calls in flight)."""
