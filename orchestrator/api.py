@@ -127,7 +127,7 @@ class JobSpec:
     idempotency_key: str | None = None
 
 
-def _submitted(job: NewJob, created_at: datetime, started_at: datetime | None) -> JobView:
+def _submitted(job: NewJob, created_at: datetime) -> JobView:
     """The view of a job as submitted, without reading back what was just written."""
     return JobView(
         id=str(job.id),
@@ -137,7 +137,7 @@ def _submitted(job: NewJob, created_at: datetime, started_at: datetime | None) -
         branch_total=len(job.branches),
         branch_done=0,
         created_at=created_at,
-        started_at=started_at,
+        started_at=created_at,
         deadline_at=job.deadline_at,
         branches=tuple(
             BranchView(
@@ -248,24 +248,26 @@ class Orchestrator:
         if not prepared:
             return []
         outgoing = {new.id: out for new, out in prepared}
-        created = self.store.create_jobs([new for new, _ in prepared], also=self.publisher.record(outgoing))
+        # Recorded running: the messages follow the commit at once (a fan-in may even finish the job before
+        # a later UPDATE could say it was published), and a publish that fails marks the job failed.
+        created = self.store.create_jobs(
+            [new for new, _ in prepared], also=self.publisher.record(outgoing), running=True
+        )
         fresh = [
             (new, at) for (new, _), (job_id, at) in zip(prepared, created, strict=True) if at is not None
         ]
-        started_at = self._publish([outgoing[new.id] for new, _ in fresh]) if fresh else None
-        views = {new.id: _submitted(new, at, started_at) for new, at in fresh}
+        if fresh:
+            self._publish([outgoing[new.id] for new, _ in fresh])
+        views = {new.id: _submitted(new, at) for new, at in fresh}
         return [views.get(job_id) or self.store.get(job_id) for job_id, _ in created]
 
-    def _publish(self, jobs: Sequence[Outgoing]) -> datetime:
-        """Send the recorded jobs; returns when they were marked running. Jobs that could not be sent are
-        marked failed with their branches cancelled, and PublishError names them."""
-        ids = [uuid.UUID(o.job_id) for o in jobs]
+    def _publish(self, jobs: Sequence[Outgoing]) -> None:
+        """Send the recorded jobs. Those that could not be sent are marked failed with their branches
+        cancelled, and PublishError names them."""
         try:
             self.publisher.send(jobs)
         except PublishError as exc:
-            sent, unsent = ids[: exc.published], ids[exc.published :]
-            if sent:
-                self.store.mark_published(sent)
+            unsent = [uuid.UUID(o.job_id) for o in jobs[exc.published :]]
             self.store.mark_failed_to_publish(unsent, f"could not publish the job: {exc}")
             which = (
                 f"job {unsent[0]} was" if len(unsent) == 1 else f"{len(unsent)} jobs (from {unsent[0]}) were"
@@ -273,7 +275,6 @@ class Orchestrator:
             raise PublishError(
                 f"{which} recorded but could not be published: {exc}", published=exc.published
             ) from exc
-        return self.store.mark_published(ids)
 
     def cancel(self, job_id: str) -> JobView:
         """Cancel a pending or running job: unfinished branches become cancelled and are revoked (running

@@ -232,12 +232,13 @@ class Store:
     # --- submit ------------------------------------------------------------------------------------
 
     def create_jobs(
-        self, jobs: Sequence[NewJob], also: AlsoWithJobs | None = None
+        self, jobs: Sequence[NewJob], also: AlsoWithJobs | None = None, *, running: bool = False
     ) -> list[tuple[uuid.UUID, datetime | None]]:
         """Insert jobs and all their branches in one transaction, with `also` (the chord joins) in it too;
         returns (id, created_at) per job, in order, and created_at None where the idempotency key named an
         existing job (whose id is returned instead, and which is not inserted again). `also` is given the
-        connection and the jobs inserted."""
+        connection and the jobs inserted. `running`: record them running (started now) rather than
+        pending, for a caller that publishes right after the commit and fails them if it cannot."""
         keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
         for attempt in range(2):
             existing = self._jobs_with_keys(keys)
@@ -250,7 +251,7 @@ class Store:
             now = utcnow()
             try:
                 if fresh:
-                    self._insert(fresh, now, also)
+                    self._insert(fresh, now, also, running)
                 break
             except IntegrityError:
                 # Submits with one key raced past the check above: the unique key let one insert win. Read
@@ -288,7 +289,9 @@ class Store:
             ).all()
         return {key: job_id for key, job_id in rows}
 
-    def _insert(self, jobs: Sequence[NewJob], now: datetime, also: AlsoWithJobs | None) -> None:
+    def _insert(
+        self, jobs: Sequence[NewJob], now: datetime, also: AlsoWithJobs | None, running: bool
+    ) -> None:
         rows = dialect(self.engine)
         with self.engine.begin() as conn:
             rows.insert_rows(
@@ -298,7 +301,8 @@ class Store:
                     {
                         "id": j.id,
                         "name": j.name,
-                        "state": JobState.PENDING,
+                        "state": JobState.RUNNING if running else JobState.PENDING,
+                        "started_at": now if running else None,
                         "fan_in": j.fan_in,
                         "idempotency_key": j.idempotency_key,
                         "deadline_at": j.deadline_at,
@@ -345,13 +349,14 @@ class Store:
         return now
 
     def mark_failed_to_publish(self, job_ids: Sequence[uuid.UUID], error: str) -> None:
-        """pending -> failed, with every branch cancelled, for jobs whose messages could not be sent."""
+        """pending | running -> failed, with every branch cancelled, for jobs whose messages could not be
+        sent (whatever part of them went out finds its branch cancelled and runs nothing)."""
         now = utcnow()
         with self.engine.begin() as conn:
             for job_id in job_ids:  # the job row first, then its branches: the one lock order
                 failed = conn.execute(
                     update(Job)
-                    .where(Job.id == job_id, Job.state == JobState.PENDING)
+                    .where(Job.id == job_id, Job.state.in_((JobState.PENDING, JobState.RUNNING)))
                     .values(state=JobState.FAILED, error=error, finished_at=now)
                 ).rowcount
                 if failed:
