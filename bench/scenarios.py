@@ -436,7 +436,8 @@ def submit_latency(ctx: Context, out: ScenarioResult) -> None:
 def bulk_submit(ctx: Context, out: ScenarioResult) -> None:
     """Jobs submitted per second from one thread: the orchestrator's submit_many (one transaction, one
     broker connection), plain Celery's chords one apply_async after another (it has no bulk call).
-    Only the submitting is timed; the jobs then run, untimed, before the next run."""
+    Only the submitting is timed, with every worker's consumers paused (as a client on a host of its own
+    sees it, not sharing two cores with the workers); the jobs then run, untimed, before the next run."""
     width, jobs = 8, ctx.mode.p8_jobs
     out.params = {"jobs": jobs, "branches": width}
     rates: dict[str, float] = {}
