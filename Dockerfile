@@ -42,7 +42,7 @@ ENV PATH=/opt/orchestrator/bin:$PATH \
     ORCH_HOME=/home/orchestrator/.orchestrator
 USER orchestrator:orchestrator
 WORKDIR /home/orchestrator
-# Flower's port (the workers listen on nothing: they consume from the broker).
-EXPOSE 5555
+# Flower's and the web view's ports (the workers listen on nothing: they consume from the broker).
+EXPOSE 5555 8808
 # No ENTRYPOINT: a compose service's `command:` is the whole argv, e.g. ["orchestrator", "worker", "io"].
 CMD ["orchestrator", "--help"]
