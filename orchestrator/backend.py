@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from celery import bootsteps, maybe_signature
 from celery.backends.base import KeyValueStoreBackend
@@ -26,11 +26,11 @@ from sqlalchemy import (
     Connection,
     Engine,
     String,
+    Table,
     and_,
     bindparam,
     case,
     delete,
-    insert,
     literal,
     or_,
     select,
@@ -205,15 +205,12 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         """Counter rows for chords (group id, size, body) in the caller's transaction: a publisher that
         sends the header messages itself records the join with the rows its body will read. Only for
         bodies in `bodies_without_header_results`: no group result is stored for their join."""
-        if chords:
-            now = utcnow()
-            conn.execute(
-                insert(ChordCounter),
-                [
-                    {"group_id": g, "done": 0, "total": n, "fired": False, "body": body, "created_at": now}
-                    for g, n, body in chords
-                ],
-            )
+        now = utcnow()
+        rows = [
+            {"group_id": g, "done": 0, "total": n, "fired": False, "body": body, "created_at": now}
+            for g, n, body in chords
+        ]
+        dialect(conn).insert_rows(conn, cast(Table, ChordCounter.__table__), rows)  # COPY for a bulk submit
 
     def set_chord_size(self, group_id: str, chord_size: int) -> None:
         if self._sizes.pop(group_id, None) == chord_size:

@@ -337,17 +337,6 @@ class Store:
             if also is not None:
                 also(conn, jobs)
 
-    def mark_published(self, job_ids: Sequence[uuid.UUID]) -> datetime:
-        """pending -> running for jobs whose messages are out (one statement for a bulk submit)."""
-        now = utcnow()
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(Job)
-                .where(Job.id.in_(job_ids), Job.state == JobState.PENDING)
-                .values(state=JobState.RUNNING, started_at=now)
-            )
-        return now
-
     def mark_failed_to_publish(self, job_ids: Sequence[uuid.UUID], error: str) -> None:
         """pending | running -> failed, with every branch cancelled, for jobs whose messages could not be
         sent (whatever part of them went out finds its branch cancelled and runs nothing)."""

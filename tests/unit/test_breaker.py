@@ -137,11 +137,8 @@ def trip(b: CircuitBreaker) -> None:
 
 
 class BreakerContract:
-    """What the breaker does over any storage. A subclass provides the `storage` fixture."""
-
-    @pytest.fixture
-    def storage(self) -> BreakerStorage:
-        raise NotImplementedError("a BreakerContract subclass provides the storage under test")
+    """What the breaker does over any storage. Not collected itself (no Test prefix): a subclass named
+    Test... defines the `storage` fixture its tests run on."""
 
     @pytest.fixture
     def clock(self, monkeypatch: pytest.MonkeyPatch) -> Clock:
