@@ -75,10 +75,11 @@ def _too_deep(values: Iterable[object]) -> bool:
     return False
 
 
-def _json_args(branches: Sequence[BranchSpec]) -> list[tuple[list[Any], dict[str, Any]]]:
-    """Arguments must survive a JSON round trip unchanged; tuples become lists, anything else is refused.
-    One round trip for the whole job (a wide job's submit is mostly this); a failure is then pinned on
-    its branch by trying them one by one."""
+def _json_args(branches: Sequence[BranchSpec], max_bytes: int) -> list[tuple[list[Any], dict[str, Any]]]:
+    """Arguments must survive a JSON round trip unchanged; tuples become lists, anything else is refused,
+    and so is a branch whose arguments are more than `max_bytes` of JSON (they travel through the broker
+    and SQL, and every reader of the job carries them). One round trip for the whole job (a wide job's
+    submit is mostly this); a failure is then pinned on its branch by trying them one by one."""
     try:
         text = json.dumps([[list(b.args), b.kwargs] for b in branches], allow_nan=False)
     except (TypeError, ValueError):
@@ -90,6 +91,14 @@ def _json_args(branches: Sequence[BranchSpec]) -> list[tuple[list[Any], dict[str
                     f"branch {i} ({b.task}): arguments are not JSON-serializable: {exc}"
                 ) from None
         raise  # unreachable: the whole failed, so one branch did
+    if len(text) > max_bytes:  # else no branch can be over (ASCII: json.dumps escapes the rest)
+        for i, b in enumerate(branches):
+            size = len(json.dumps([list(b.args), b.kwargs], allow_nan=False))
+            if size > max_bytes:
+                raise InvalidJobSpec(
+                    f"branch {i} ({b.task}): arguments are {size} bytes of JSON, more than "
+                    f"ORCH_MAX_ARGS_BYTES ({max_bytes}); pass a reference (a URL, a key) instead"
+                )
     return [(args, kwargs) for args, kwargs in json.loads(text)]
 
 
@@ -181,7 +190,9 @@ class Orchestrator:
                     f"branch {i} ({spec.task}): arguments nest deeper than {MAX_ARGUMENT_DEPTH} levels"
                 )
         new = []
-        for i, (task, (args, kwargs)) in enumerate(zip(tasks, _json_args(branches), strict=True)):
+        for i, (task, (args, kwargs)) in enumerate(
+            zip(tasks, _json_args(branches, self.settings.max_args_bytes), strict=True)
+        ):
             _check_call(i, task, args, kwargs)
             new.append(NewBranch(task.name, self.settings.queue_for(task.kind), args, kwargs))
         return new

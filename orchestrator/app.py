@@ -16,6 +16,7 @@ from kombu import Exchange, Queue
 
 from . import tasks
 from .backend import ChordRecovery, SQLBackend
+from .lifeline import lifeline_step
 from .settings import Settings
 
 _apps: dict[Settings, Celery] = {}
@@ -60,7 +61,13 @@ def build_app(s: Settings, *, set_as_current: bool = False) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # On a broker connection loss a running task's message cannot be acked; the broker hands it out
+        # again. Cancelling the task instead (True) cannot work on the io pool (threads and gevent cannot
+        # kill a job: a NotImplementedError traceback per running task), and on the cpu and fanin
+        # prefork pools it would throw away work that SQL makes safe to finish: the redelivered copy
+        # finds the branch or fan-in held by a live runner and starts nothing, and the run that
+        # finishes records the outcome once. So no pool cancels.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options=broker_transport_options(s),
         # celery beat's backend_cleanup prunes results older than this (orchestrator db prune does too).
@@ -79,7 +86,10 @@ def build_app(s: Settings, *, set_as_current: bool = False) -> Celery:
     )
     # Publishes chord bodies whose publisher died between its final count and the publish.
     app.steps["worker"].add(ChordRecovery)
-    tasks.register(app, s)
+    runtime = tasks.register(app, s)
+    # Heartbeats what the worker runs; publishes again what a dead or paused worker, or a broker that
+    # kept nothing, lost.
+    app.steps["worker"].add(lifeline_step(runtime))
     return app
 
 

@@ -15,7 +15,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from celery import bootsteps, maybe_signature
@@ -334,7 +334,18 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         app = self.app
         callback = maybe_signature(body, app=app)
         if body.get("task") in self.bodies_without_header_results:
-            self._publish_body(gid, callback, [])
+            try:
+                self.app.amqp._retry_publish(callback.delay, [])
+            except Exception as exc:
+                # The broker is away (restarting, a partition). Such a body reads SQL, not the header's
+                # results, so nothing is lost by waiting: the claim is released for the recovery sweep,
+                # which publishes it once the broker is back, rather than failing the chord.
+                logger.warning(
+                    "chord %s: publishing the body failed, the recovery sweep retries: %s", gid, exc
+                )
+                self._release(gid)
+                return
+            self._mark_fired(gid)
             return
         deps = GroupResult.restore(gid, backend=self)
         if deps is None:
@@ -367,6 +378,15 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
             error.__cause__ = exc
             self.chord_error_from_stack(callback=callback, exc=error)
         self._mark_fired(gid)
+
+    def _release(self, gid: str) -> None:
+        """Let the next recovery sweep take a claimed publish at once."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(ChordCounter)
+                .where(ChordCounter.group_id == gid, ChordCounter.fired.is_(False))
+                .values(claimed_at=datetime(1970, 1, 1, tzinfo=UTC))
+            )
 
     def _mark_fired(self, gid: str) -> None:
         with self.engine.begin() as conn:
@@ -438,7 +458,9 @@ class ChordRecovery(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, worker: Any) -> None:
         backend = worker.app.backend
         if isinstance(backend, SQLBackend):
-            interval = max(backend.publish_lease / 4, 0.5)
+            # Cheap (a partial index holds only unfired joins), and a body held back by a broker outage
+            # goes out within this long of the broker's return.
+            interval = min(max(backend.publish_lease / 4, 0.5), 2.0)
             self.tref = worker.timer.call_repeatedly(interval, self._sweep, (backend,), priority=10)
 
     def stop(self, worker: Any) -> None:

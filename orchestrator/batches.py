@@ -67,14 +67,24 @@ class BatchEngine:
         branches: Sequence[Sequence[Any]],
         deadline_at: float | None,
         also: AlsoInTransaction[Any] | None = None,
+        max_result_bytes: int | None = None,
     ) -> BatchDone:
         """Run a batch's `[index, args, kwargs]` branches; `also` runs in the transaction of the last
-        outcome write (or not at all when every branch was already recorded: a redelivery)."""
+        outcome write (or not at all when every branch was already recorded: a redelivery). Branches
+        whose worker died too often are recorded failed with the first write, without running."""
         jid = uuid.UUID(job_id)
-        attempts = store.start_branches(jid, [int(b[0]) for b in branches], sent)
+        started = store.start_branches(jid, [int(b[0]) for b in branches], sent)
+        attempts = started.attempts
         todo = [b for b in branches if b[0] in attempts]
+        poisoned = list(started.poisoned)
+        for finished in poisoned:
+            logger.error("branch %s[%d] %s: %s", job_id, finished.index, spec.name, finished.error)
         if not todo:
-            return BatchDone(0, len(branches))
+            if poisoned:
+                store.finish_branches(jid, sent, poisoned, also=also)
+            return BatchDone(len(poisoned), len(branches) - len(poisoned))
+        if poisoned:
+            store.finish_branches(jid, sent, poisoned)
         budget = Deadline(deadline_at)
 
         def run(branch: Sequence[Any]) -> Finished:
@@ -82,7 +92,7 @@ class BatchEngine:
             attempt = attempts[index]
             while True:
                 with self._running:  # not held across a retry's backoff
-                    outcome = execute(spec, args, kwargs, budget, attempt)
+                    outcome = execute(spec, args, kwargs, budget, attempt, max_result_bytes)
                 if outcome.retry_in is None:
                     log_outcome(job_id, index, spec, outcome)
                     return Finished(index, attempt, outcome.state, outcome.result, outcome.error)
@@ -93,7 +103,7 @@ class BatchEngine:
             store.finish_branches(jid, sent, [run(todo[0])], also=also)
         else:
             self._run_many(store, jid, sent, [self._executor.submit(run, b) for b in todo], also)
-        return BatchDone(len(todo), len(branches) - len(todo))
+        return BatchDone(len(todo) + len(poisoned), len(branches) - len(todo) - len(poisoned))
 
     def _run_many(
         self,

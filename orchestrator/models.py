@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -112,12 +113,26 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     result: Mapped[Any | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
+    # The fan-in's run: which worker process holds the job while it aggregates, its last heartbeat
+    # (the database's clock), and how many fan-in runs were lost with their worker.
+    runner: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lost_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     branches: Mapped[list[Branch]] = relationship(
         back_populates="job", order_by="Branch.index", cascade="all, delete-orphan"
     )
 
-    __table_args__ = (Index("ix_jobs_state_created_at", "state", "created_at"),)
+    __table_args__ = (
+        Index("ix_jobs_state_created_at", "state", "created_at"),
+        # The rescuer's scan: only unfinished jobs, a handful of rows however large the table grows.
+        Index(
+            "ix_jobs_unfinished_heartbeat_at",
+            "heartbeat_at",
+            postgresql_where=text("state IN ('running', 'aggregating')"),
+            sqlite_where=text("state IN ('running', 'aggregating')"),
+        ),
+    )
 
 
 class Branch(Base):
@@ -138,8 +153,23 @@ class Branch(Base):
     result: Mapped[Any | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     late: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Which worker process runs the branch (None while queued, or once it was taken from a lost one),
+    # its last heartbeat (the database's clock), and how many runs were lost with their worker.
+    runner: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lost_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     job: Mapped[Job] = relationship(back_populates="branches")
+
+    __table_args__ = (
+        # The rescuer's scan of running branches by heartbeat: running rows only.
+        Index(
+            "ix_branches_running_heartbeat_at",
+            "heartbeat_at",
+            postgresql_where=text("state = 'running'"),
+            sqlite_where=text("state = 'running'"),
+        ),
+    )
 
 
 class ResultRecord(Base):
@@ -167,6 +197,16 @@ class ChordCounter(Base):
     # The body's signature, so a body whose publisher died can be published by another worker.
     body: Mapped[Any | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+    __table_args__ = (
+        # The recovery sweep's scan: unfired joins only (fired ones stay until pruned).
+        Index(
+            "ix_chord_counters_unfired_claimed_at",
+            "claimed_at",
+            postgresql_where=text("NOT fired"),
+            sqlite_where=text("fired = 0"),
+        ),
+    )
 
 
 class ChordPart(Base):

@@ -36,12 +36,15 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def json_error(value: Any) -> str | None:
-    """Why `value` cannot be stored as a JSON result, or None when it can."""
+def json_error(value: Any, max_bytes: int | None = None) -> str | None:
+    """Why `value` cannot be stored as a JSON result (not JSON, or more than `max_bytes` of it: a result
+    travels through SQL to the fan-in and to every reader of the job), or None when it can."""
     try:
-        json.dumps(value, allow_nan=False)
+        text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         return f"result is not JSON-serializable: {exc}"
+    if max_bytes is not None and len(text) > max_bytes:  # ASCII: json.dumps escapes the rest
+        return f"result of {len(text)} bytes exceeds ORCH_MAX_RESULT_BYTES ({max_bytes})"
     return None
 
 
@@ -84,9 +87,15 @@ class Outcome:
 
 
 def execute(
-    spec: TaskSpec, args: list[Any], kwargs: dict[str, Any], budget: Deadline, attempt: int
+    spec: TaskSpec,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    budget: Deadline,
+    attempt: int,
+    max_result_bytes: int | None = None,
 ) -> Outcome:
-    """Run one attempt of a branch function: its deadline, its breaker, its retry policy."""
+    """Run one attempt of a branch function: its deadline, its breaker, its retry policy, the size its
+    result may have."""
     if budget.expired():
         return Outcome(BranchState.TIMED_OUT, error="the job's deadline passed before it started")
     call_kwargs = {**kwargs, "deadline": budget} if spec.accepts_deadline else kwargs
@@ -116,7 +125,7 @@ def execute(
         return Outcome(BranchState.FAILED, error=describe(exc), retry_in=retry_in)
     if breaker is not None:
         breaker.success(probe)
-    error = json_error(result)
+    error = json_error(result, max_result_bytes)
     if error:
         return Outcome(BranchState.FAILED, error=error)
     return Outcome(BranchState.SUCCEEDED, result=result)

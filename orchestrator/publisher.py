@@ -23,6 +23,7 @@ from sqlalchemy import Connection
 from .backend import SQLBackend
 from .errors import PublishError
 from .plan import JobPlan
+from .rescue import LostMessage
 from .settings import Settings
 from .store import AlsoWithJobs, NewJob
 from .tasks import DEADLINE, FAN_IN
@@ -69,7 +70,9 @@ class Publisher:
         body = self.app.signature(
             FAN_IN, args=(job_id,), queue=self.settings.fanin_queue, task_id=str(uuid.uuid4()), **limits
         )
-        return Outgoing(job_id, plan, str(uuid.uuid4()), dict(body), limits, deadline_at)
+        # The chord's group id is the job's id: the rescuer finds a job's join (and the body its messages
+        # carry) by the job alone.
+        return Outgoing(job_id, plan, job_id, dict(body), limits, deadline_at)
 
     def record(self, jobs: Mapping[uuid.UUID, Outgoing]) -> AlsoWithJobs | None:
         """What to write in the jobs' own insert transaction: the counter rows of the chords of those
@@ -131,7 +134,6 @@ class Publisher:
         self._deadline(job, producer)
         at = None if job.deadline_at is None else job.deadline_at.timestamp()
         cpu_limit = self._cpu_limit(job)
-        conf = self.app.conf
         # Celery's send_task costs about 3x the publish itself (routing, options, its signals): build
         # the same message with Celery's own create_task_message and publish it as send_task_message
         # would, to the queue by name. Publish hooks (before/after_task_publish) keep send_task.
@@ -139,36 +141,100 @@ class Publisher:
         for index, m in enumerate(job.plan.messages):
             args = m.args(job.job_id, job.plan.branches, at)
             options: dict[str, Any] = {
-                "task_id": m.task_id,
                 "group_id": job.group_id,
                 "group_index": index,
                 "chord": job.body,
-                "argsrepr": _repr(args),
-                "kwargsrepr": "{}",
-                "ignore_result": True,
                 **({} if m.batch else cpu_limit),
             }
-            if not lean:
-                self.app.send_task(
-                    m.task, args=args, queue=m.queue, producer=producer, add_to_parent=False, **options
-                )
-                continue
-            message = self.app.amqp.create_task_message(options.pop("task_id"), m.task, args, {}, **options)
-            queue = self.app.amqp.queues[m.queue]
-            producer.publish(
-                message.body,
-                exchange="",
-                routing_key=m.queue,
-                serializer=conf.task_serializer,
-                compression=conf.task_compression,
-                retry=conf.task_publish_retry,
-                retry_policy=dict(conf.task_publish_retry_policy or {}),
-                delivery_mode=queue.exchange.delivery_mode or conf.task_default_delivery_mode,
-                declare=[] if m.queue in declared else [queue],  # once per send: kombu caches it too
-                headers=message.headers,
-                **message.properties,
+            self._publish(producer, declared, m.task, m.queue, m.task_id, args, options, lean=lean)
+
+    def _publish(
+        self,
+        producer: Any,
+        declared: set[str],
+        task: str,
+        queue_name: str,
+        task_id: str,
+        args: tuple[Any, ...],
+        options: dict[str, Any],
+        *,
+        lean: bool,
+    ) -> None:
+        """One task message, published as send_task_message would, to the queue by name."""
+        options = {"argsrepr": _repr(args), "kwargsrepr": "{}", "ignore_result": True, **options}
+        if not lean:
+            self.app.send_task(
+                task,
+                args=args,
+                queue=queue_name,
+                producer=producer,
+                add_to_parent=False,
+                task_id=task_id,
+                **options,
             )
-            declared.add(m.queue)
+            return
+        conf = self.app.conf
+        message = self.app.amqp.create_task_message(task_id, task, args, {}, **options)
+        queue = self.app.amqp.queues[queue_name]
+        producer.publish(
+            message.body,
+            exchange="",
+            routing_key=queue_name,
+            serializer=conf.task_serializer,
+            compression=conf.task_compression,
+            retry=conf.task_publish_retry,
+            retry_policy=dict(conf.task_publish_retry_policy or {}),
+            delivery_mode=queue.exchange.delivery_mode or conf.task_default_delivery_mode,
+            declare=[] if queue_name in declared else [queue],  # once per send: kombu caches it too
+            headers=message.headers,
+            **message.properties,
+        )
+        declared.add(queue_name)
+
+    def republish(self, lost: Sequence[LostMessage]) -> None:
+        """Publish branch messages again, as they were sent (same task id, chord and shape), for the
+        branches still to run: the rescuer's way of handing back work whose run or message was lost."""
+        declared: set[str] = set()
+        with self.app.producer_or_acquire() as producer:
+            for m in lost:
+                at = None if m.deadline_at is None else m.deadline_at.timestamp()
+                job_id = str(m.job_id)
+                args: tuple[Any, ...]
+                if m.queue == self.settings.io_queue:
+                    args = (job_id, m.branches, at)
+                else:
+                    (index, branch_args, branch_kwargs) = m.branches[0]
+                    args = (job_id, index, branch_args, branch_kwargs, at)
+                options: dict[str, Any] = {}
+                if m.chord is not None:
+                    options = {"group_id": job_id, "chord": m.chord}
+                self._publish(producer, declared, m.task, m.queue, m.task_id, args, options, lean=True)
+
+    def publish_fan_in(self, job_id: str, fan_in_timeout: float | None) -> None:
+        """The fan-in of a job, on its own (its chord's body was lost, or its aggregation was)."""
+        timeout = fan_in_timeout or self.settings.fan_in_timeout
+        self.app.send_task(
+            FAN_IN,
+            args=([], job_id),
+            queue=self.settings.fanin_queue,
+            ignore_result=True,
+            add_to_parent=False,
+            soft_time_limit=timeout,
+            time_limit=timeout + 10,
+        )
+
+    def publish_deadline(self, job_id: str, fan_in_timeout: float | None) -> None:
+        """A job's deadline watchdog, to run now (its ETA message was lost)."""
+        timeout = fan_in_timeout or self.settings.fan_in_timeout
+        self.app.send_task(
+            DEADLINE,
+            args=(job_id,),
+            queue=self.settings.fanin_queue,
+            ignore_result=True,
+            add_to_parent=False,
+            soft_time_limit=timeout,
+            time_limit=timeout + 10,
+        )
 
     def _send_canvas(self, job: Outgoing) -> None:
         with self.app.producer_or_acquire() as producer:

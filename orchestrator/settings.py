@@ -64,6 +64,12 @@ class Settings:
     breaker_reset_timeout: float = 30.0
     breaker_probe_lease: float = 30.0  # a probe not reported within this is presumed dead
     breaker_cache_ttl: float = 0.2  # seconds a process may act on the breaker state it last read
+    # A branch or fan-in whose worker died while running it runs again at most this many times.
+    max_deliveries: int = 3
+    # Seconds without a heartbeat after which running work is presumed lost and published again.
+    stall_timeout: float = 30.0
+    max_args_bytes: int = 1 << 20  # JSON of one branch's arguments
+    max_result_bytes: int = 1 << 20  # JSON of one branch's result
     # hosts the bundled jobs.io fetch/probe branches may reach: (host, port or None for any port)
     fetch_allowed_hosts: Hosts = DEFAULT_FETCH_ALLOWED_HOSTS
 
@@ -127,6 +133,10 @@ class Settings:
             breaker_reset_timeout=_float(env, "ORCH_BREAKER_RESET_TIMEOUT", 30.0),
             breaker_probe_lease=_float(env, "ORCH_BREAKER_PROBE_LEASE", 30.0),
             breaker_cache_ttl=_float(env, "ORCH_BREAKER_CACHE_TTL", 0.2),
+            max_deliveries=_int(env, "ORCH_MAX_DELIVERIES", 3, minimum=0),
+            stall_timeout=_float(env, "ORCH_STALL_TIMEOUT", 30.0),
+            max_args_bytes=_int(env, "ORCH_MAX_ARGS_BYTES", 1 << 20),
+            max_result_bytes=_int(env, "ORCH_MAX_RESULT_BYTES", 1 << 20),
             fetch_allowed_hosts=parse_hosts(
                 "ORCH_FETCH_ALLOWED_HOSTS", env.get("ORCH_FETCH_ALLOWED_HOSTS", "")
             ),

@@ -18,10 +18,13 @@ from sqlalchemy import (
     JSON,
     Connection,
     Engine,
+    Float,
     Integer,
     Table,
     Text,
+    and_,
     bindparam,
+    case,
     delete,
     func,
     or_,
@@ -31,9 +34,11 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from . import notifications
+from .clock import db_now
 from .database import dialect, get_engine
 from .errors import JobNotFound
 from .models import FINAL_JOB_STATES, Branch, BranchState, Job, JobState, UTCDateTime, cutoff, utcnow
+from .runners import Runner, this_process
 from .views import BranchOutcome, JobView, branch_view, job_view
 
 T = TypeVar("T")
@@ -59,31 +64,72 @@ _TASK = bindparam("b_task", type_=Branch.__table__.c.task.type)
 # A message may only move the branches it was sent for: the branch's recorded Celery task id and task
 # name, not just (job, index), so a stray or forged message for another job's branch moves nothing.
 _SENT_FOR = (Branch.celery_task_id == _TASK_ID, Branch.task == _TASK)
+_RUNNER = bindparam("b_runner", type_=Branch.__table__.c.runner.type)
+#: Seconds without a heartbeat after which a run is presumed lost (ORCH_STALL_TIMEOUT).
+_STALL = bindparam("stall", type_=Float)
+_STALE = db_now(_STALL)
+# A branch a message may start: queued, or running for a runner that is lost (its heartbeat is older than
+# the stall timeout, or its worker process marked it lost). A duplicate delivery of a message whose
+# branch runs on a live worker starts nothing.
+_TAKEABLE = or_(
+    Branch.state == BranchState.PENDING,
+    and_(
+        Branch.state == BranchState.RUNNING,
+        or_(Branch.runner.is_(None), Branch.heartbeat_at.is_(None), Branch.heartbeat_at < _STALE),
+    ),
+)
+_TAKE_FROM = and_(Branch.state == BranchState.RUNNING, Branch.runner == bindparam("lost_runner"))
+_STARTED = {
+    "state": BranchState.RUNNING,
+    "attempts": Branch.attempts + 1,
+    "started_at": _NOW,
+    "runner": _RUNNER,
+    "heartbeat_at": db_now(),
+    # The old state (SET sees the row as it was): starting a running branch takes over a lost run.
+    "lost_runs": Branch.lost_runs + case((Branch.state == BranchState.RUNNING, 1), else_=0),
+}
+_STARTED_ROW = (Branch.index, Branch.attempts, Branch.lost_runs, Branch.error)
+
+
+def _start(*where: Any) -> Any:
+    return (
+        update(Branch)
+        .where(Branch.job_id == _JOB, Branch.index.in_(bindparam("idxs", expanding=True)), *_SENT_FOR, *where)
+        .values(**_STARTED)
+        .returning(*_STARTED_ROW)
+    )
+
+
 _START = (
     update(Branch)
-    .where(Branch.job_id == _JOB, Branch.index == _IDX, Branch.state.in_(_ACTIVE), *_SENT_FOR)
-    .values(state=BranchState.RUNNING, attempts=Branch.attempts + 1, started_at=_NOW)
-    .returning(Branch.attempts)
+    .where(Branch.job_id == _JOB, Branch.index == _IDX, _TAKEABLE, *_SENT_FOR)
+    .values(**_STARTED)
+    .returning(*_STARTED_ROW)
 )
-_START_MANY = (
-    update(Branch)
-    .where(
-        Branch.job_id == _JOB,
-        Branch.index.in_(bindparam("idxs", expanding=True)),
-        Branch.state.in_(_ACTIVE),
-        *_SENT_FOR,
-    )
-    .values(state=BranchState.RUNNING, attempts=Branch.attempts + 1, started_at=_NOW)
-    .returning(Branch.index, Branch.attempts)
+_START_MANY = _start(_TAKEABLE)
+_START_LOST = _start(_TAKE_FROM)
+_BUSY = select(Branch.runner).where(
+    Branch.job_id == _JOB,
+    Branch.index.in_(bindparam("idxs", expanding=True)),
+    Branch.state == BranchState.RUNNING,
+    Branch.runner.is_not(None),
+    *_SENT_FOR,
 )
+# Only the run that holds the branch records its outcome: a worker that was paused while its branch was
+# taken over finds another runner on the row and writes nothing.
+_HOLDS = Branch.runner.is_not_distinct_from(_RUNNER)
 _FINISH = (
     update(Branch)
-    .where(Branch.job_id == _JOB, Branch.index == _IDX, Branch.state == BranchState.RUNNING, *_SENT_FOR)
+    .where(
+        Branch.job_id == _JOB, Branch.index == _IDX, Branch.state == BranchState.RUNNING, _HOLDS, *_SENT_FOR
+    )
     .values(state=bindparam("b_state"), result=_RESULT, error=_ERROR, finished_at=_NOW)
 )
 _FINISH_MANY = (
     update(Branch)
-    .where(Branch.job_id == _JOB, Branch.index == _IDX, Branch.state == BranchState.RUNNING, *_SENT_FOR)
+    .where(
+        Branch.job_id == _JOB, Branch.index == _IDX, Branch.state == BranchState.RUNNING, _HOLDS, *_SENT_FOR
+    )
     .values(
         state=bindparam("b_state"),
         attempts=bindparam("b_attempts"),
@@ -116,25 +162,58 @@ _RECOUNT_DONE = (
         .scalar_subquery()
     )
 )
+_STILL_ACTIVE = select(func.count()).where(
+    Branch.job_id == _JOB, Branch.index.in_(bindparam("idxs", expanding=True)), Branch.state.in_(_ACTIVE)
+)
+# A cpu branch's retry goes back through the broker: the branch is queued again, so the retry's delivery
+# starts it like any queued branch.
+_REQUEUE = (
+    update(Branch)
+    .where(
+        Branch.job_id == _JOB, Branch.index == _IDX, Branch.state == BranchState.RUNNING, _HOLDS, *_SENT_FOR
+    )
+    .values(state=BranchState.PENDING, runner=None)
+)
 _BRANCHES = select(Branch.__table__).where(Branch.job_id == _JOB).order_by(Branch.index)
 _JOB_ROW = select(Job.__table__).where(Job.id == _JOB)
 _JOB_STATE = select(Job.state).where(Job.id == _JOB)
 
 
-def _claim(states: Sequence[JobState]) -> Any:
+def _claim(*where: Any) -> Any:
     return (
         update(Job)
-        .where(Job.id == _JOB, Job.state.in_(states))
-        .values(state=JobState.AGGREGATING, branch_done=Job.branch_total)
-        .returning(Job.fan_in, Job.min_success, Job.fan_in_timeout)
+        .where(Job.id == _JOB, *where)
+        .values(
+            state=JobState.AGGREGATING,
+            branch_done=Job.branch_total,
+            runner=_RUNNER,
+            heartbeat_at=db_now(),
+            # From aggregating (the old state): the fan-in takes over a run lost with its worker.
+            lost_runs=Job.lost_runs + case((Job.state == JobState.AGGREGATING, 1), else_=0),
+        )
+        .returning(Job.fan_in, Job.min_success, Job.fan_in_timeout, Job.lost_runs, Job.error)
     )
 
 
-_CLAIM = _claim((JobState.PENDING, JobState.RUNNING))
-_CLAIM_AGAIN = _claim((JobState.PENDING, JobState.RUNNING, JobState.AGGREGATING))
+_UNCLAIMED = Job.state.in_((JobState.PENDING, JobState.RUNNING))
+_CLAIM = _claim(_UNCLAIMED)
+# A fan-in may also take a job whose aggregation was lost: marked so by its worker's pool, or silent for
+# longer than the stall timeout. A duplicate delivery while a live worker aggregates takes nothing.
+_CLAIM_OR_TAKE = _claim(
+    or_(
+        _UNCLAIMED,
+        and_(
+            Job.state == JobState.AGGREGATING,
+            or_(Job.runner.is_(None), Job.heartbeat_at.is_(None), Job.heartbeat_at < _STALE),
+        ),
+    )
+)
+_CLAIM_LOST = _claim(Job.state == JobState.AGGREGATING, Job.runner == bindparam("lost_runner"))
+_AGGREGATED_BY = select(Job.runner).where(Job.id == _JOB, Job.state == JobState.AGGREGATING)
 _FINALIZE = (
     update(Job)
-    .where(Job.id == _JOB, Job.state == JobState.AGGREGATING)
+    # Only the fan-in that holds the job: one paused past the stall timeout lost it and records nothing.
+    .where(Job.id == _JOB, Job.state == JobState.AGGREGATING, Job.runner.is_not_distinct_from(_RUNNER))
     .values(
         state=bindparam("j_state"),
         result=bindparam("j_result", type_=JSON),
@@ -170,11 +249,13 @@ class NewJob:
 
 @dataclass(frozen=True)
 class SentAs:
-    """The Celery message a branch task runs for: its task id and task name. Only the message a branch
-    was published as may start or finish it."""
+    """The Celery message a branch task runs for: its task id and task name, and the worker process that
+    runs it (`runners.Runner`, as text). Only the message a branch was published as may start it, and
+    only the runner that started it may finish it."""
 
     task_id: str
     task: str
+    runner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,13 +270,24 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class Started:
+    """What a message found of its branches: those it runs now (index -> attempt number), and those to
+    record failed without running them again, their worker having died too often (`poisoned`)."""
+
+    attempts: dict[int, int]
+    poisoned: tuple[Finished, ...] = ()
+
+
+@dataclass(frozen=True)
 class FanInClaim:
-    """The job a fan-in (or the deadline) won, with the outcomes read in the same transaction."""
+    """The job a fan-in (or the deadline) won, with the outcomes read in the same transaction. `lost`:
+    why the job must end failed without aggregating (its fan-in's worker died too often)."""
 
     fan_in: str
     min_success: int | None
     fan_in_timeout: float | None
     outcomes: tuple[BranchOutcome, ...] = ()
+    lost: str | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +300,18 @@ class StoppedBranch:
     was_running: bool
 
 
+#: Longest error text stored (characters): a branch may raise with a message of any size, and every
+#: reader of the job (the fan-in, `get`, the web view) would carry it.
+ERROR_MAX = 4096
+
+
+def clip(error: str | None) -> str | None:
+    """An error text cut to ERROR_MAX characters, saying how much was cut."""
+    if error is None or len(error) <= ERROR_MAX:
+        return error
+    return f"{error[:ERROR_MAX]}... [{len(error) - ERROR_MAX} more characters cut]"
+
+
 def parse_job_id(job_id: str | uuid.UUID) -> uuid.UUID:
     if isinstance(job_id, uuid.UUID):
         return job_id
@@ -217,12 +321,23 @@ def parse_job_id(job_id: str | uuid.UUID) -> uuid.UUID:
         raise JobNotFound(f"no job {job_id!r}: not a job id") from None
 
 
+def died_too_often(what: str, lost_runs: int, reason: str | None, max_deliveries: int) -> str:
+    """The error of work whose worker died more often than ORCH_MAX_DELIVERIES allows."""
+    last = f" (last: {reason})" if reason else ""
+    return (
+        f"{what}'s worker died while running it {lost_runs} times{last}; not run again "
+        f"(ORCH_MAX_DELIVERIES={max_deliveries})"
+    )
+
+
 class Store:
     #: Waits that may hold a pooled connection to LISTEN at once (a connection each, for the wait).
     LISTENERS = 8
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, stall_timeout: float = 30.0, max_deliveries: int = 3) -> None:
         self.database_url = database_url
+        self.stall_timeout = stall_timeout
+        self.max_deliveries = max_deliveries
         self._listeners = threading.BoundedSemaphore(self.LISTENERS)
 
     @property
@@ -354,26 +469,93 @@ class Store:
 
     # --- branches ----------------------------------------------------------------------------------
 
-    def start_branch(self, job_id: uuid.UUID, index: int, sent: SentAs) -> int | None:
-        """Claim a branch for this attempt; None when its outcome is already recorded (a redelivery) or
-        when `sent` is not the message the branch was published as (a stray or forged message)."""
-        params = {"job": job_id, "idx": index, "now": utcnow(), "b_tid": sent.task_id, "b_task": sent.task}
-        with self.engine.begin() as conn:
-            attempt: int | None = conn.execute(_START, params).scalar_one_or_none()
-        return attempt
-
-    def start_branches(self, job_id: uuid.UUID, indexes: Sequence[int], sent: SentAs) -> dict[int, int]:
-        """start_branch for a batch, in one statement: {index: attempt} of those not already final."""
-        params = {
+    def _start_params(self, job_id: uuid.UUID, sent: SentAs) -> dict[str, Any]:
+        return {
             "job": job_id,
-            "idxs": list(indexes),
             "now": utcnow(),
             "b_tid": sent.task_id,
             "b_task": sent.task,
+            "b_runner": sent.runner or this_process(),
+            "stall": self.stall_timeout,
         }
+
+    def start_branch(self, job_id: uuid.UUID, index: int, sent: SentAs) -> Started:
+        """Claim a branch for this run (see start_branches); one statement for the common case."""
+        params = {**self._start_params(job_id, sent), "idx": index}
         with self.engine.begin() as conn:
-            rows = conn.execute(_START_MANY, params).all()
-        return {index: attempts for index, attempts in rows}
+            rows = conn.execute(_START, params).all()
+        if rows:
+            return self._started(rows)
+        return self.start_branches(job_id, [index], sent, taken_only=True)
+
+    def start_branches(
+        self, job_id: uuid.UUID, indexes: Sequence[int], sent: SentAs, *, taken_only: bool = False
+    ) -> Started:
+        """Claim a message's branches for this run, in one statement: those queued, and those whose run
+        was lost (see `_TAKEABLE`). Not started: branches already final (a redelivery), running on a
+        live worker (a duplicate delivery), or not sent as `sent` (a stray or forged message).
+
+        A branch whose runner is a process of this host that no longer exists (a worker killed and
+        restarted; the broker redelivered its messages at once) is taken over without waiting for its
+        heartbeat to age: that costs a read, on the redelivery path only."""
+        params = {**self._start_params(job_id, sent), "idxs": list(indexes)}
+        with self.engine.begin() as conn:
+            rows = [] if taken_only else list(conn.execute(_START_MANY, params).all())
+            me = Runner.parse(params["b_runner"])
+            if len(rows) < len(indexes) and me is not None:
+                gone = {
+                    str(lost)
+                    for (runner,) in conn.execute(_BUSY, params).all()
+                    if (lost := Runner.parse(runner)) is not None and lost.is_gone(me)
+                }
+                for runner in sorted(gone):
+                    rows += conn.execute(_START_LOST, {**params, "lost_runner": runner}).all()
+        return self._started(rows)
+
+    def _started(self, rows: Sequence[Any]) -> Started:
+        attempts: dict[int, int] = {}
+        poisoned = []
+        for row in rows:
+            if row.lost_runs > self.max_deliveries:
+                error = died_too_often("the branch", row.lost_runs, row.error, self.max_deliveries)
+                poisoned.append(Finished(row.index, row.attempts, BranchState.FAILED, None, error))
+            else:
+                attempts[row.index] = row.attempts
+        return Started(attempts, tuple(poisoned))
+
+    def requeue_branch(self, job_id: uuid.UUID, index: int, sent: SentAs) -> bool:
+        """running -> pending for a branch whose retry goes back through the broker."""
+        params = {**self._start_params(job_id, sent), "idx": index}
+        with self.engine.begin() as conn:
+            return bool(conn.execute(_REQUEUE, params).rowcount)
+
+    def mark_lost(self, job_id: uuid.UUID, indexes: Sequence[int], task_id: str, reason: str) -> int:
+        """The worker process running these branches died (its pool saw it): free them for the message's
+        redelivery at once, saying why. Returns how many were running."""
+        with self.engine.begin() as conn:
+            return int(
+                conn.execute(
+                    update(Branch)
+                    .where(
+                        Branch.job_id == job_id,
+                        Branch.index.in_(list(indexes)),
+                        Branch.state == BranchState.RUNNING,
+                        Branch.celery_task_id == task_id,
+                    )
+                    .values(runner=None, error=clip(reason))
+                ).rowcount
+            )
+
+    def mark_fan_in_lost(self, job_id: uuid.UUID, reason: str) -> bool:
+        """The worker process aggregating the job died: free it for the fan-in's redelivery at once."""
+        with self.engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == JobState.AGGREGATING)
+                    .values(runner=None, error=clip(reason))
+                ).rowcount
+            )
 
     def finish_branches(
         self,
@@ -384,7 +566,9 @@ class Store:
     ) -> T | None:
         """Record a batch's outcomes once, in one transaction; a loser that arrives after a final move (the
         deadline, a cancel) is kept as a late result. `also` runs in the same transaction (the chord count
-        of the batch's message); its value is returned.
+        of the batch's message); its value is returned. When some branch of the message is still active
+        (it was taken over by another run of the message: this one was presumed lost), `also` does not run:
+        that run counts the message.
 
         Lock order, as everywhere: the job row first, then its branch rows (expire, cancel and the fan-in
         claim do the same), so a finish racing the deadline waits instead of deadlocking. The job's
@@ -399,10 +583,11 @@ class Store:
                 "b_attempts": o.attempts,
                 "b_state": o.state.value,
                 "b_result": o.result,
-                "b_error": o.error,
+                "b_error": clip(o.error),
                 "now": now,
                 "b_tid": sent.task_id,
                 "b_task": sent.task,
+                "b_runner": sent.runner or this_process(),
             }
             for o in sorted(outcomes, key=lambda o: o.index)  # one row order too, for two deliveries
         ]
@@ -412,7 +597,14 @@ class Store:
             if not (conn.dialect.supports_sane_multi_rowcount and won == len(rows)):
                 conn.execute(_LATE, rows)
                 conn.execute(_RECOUNT_DONE, {"job": job_id})
+                if self._taken(conn, job_id, [o.index for o in outcomes]):
+                    return None
             return also(conn) if also is not None else None
+
+    @staticmethod
+    def _taken(conn: Connection, job_id: uuid.UUID, indexes: Sequence[int]) -> bool:
+        """True when some of these branches are active again: another run of their message holds them."""
+        return bool(conn.execute(_STILL_ACTIVE, {"job": job_id, "idxs": list(indexes)}).scalar_one())
 
     def finish_branch(
         self,
@@ -428,10 +620,11 @@ class Store:
             "idx": outcome.index,
             "b_state": outcome.state.value,
             "b_result": outcome.result,
-            "b_error": outcome.error,
+            "b_error": clip(outcome.error),
             "now": utcnow(),
             "b_tid": sent.task_id,
             "b_task": sent.task,
+            "b_runner": sent.runner or this_process(),
         }
         with self.engine.begin() as conn:
             conn.execute(_ADD_DONE, {"job": job_id, "n": 1})  # the job row first: see finish_branches
@@ -439,19 +632,32 @@ class Store:
             if not won:
                 conn.execute(_LATE, params)
                 conn.execute(_RECOUNT_DONE, {"job": job_id})
+                if self._taken(conn, job_id, [outcome.index]):
+                    return won, None
             return won, also(conn) if also is not None else None
 
     # --- fan-in ------------------------------------------------------------------------------------
 
-    def claim_fan_in(self, job_id: uuid.UUID, *, redelivered: bool = False) -> FanInClaim | None:
-        """running -> aggregating, with the outcomes to aggregate. A job still `pending` is claimable too:
-        its chord ran, so it was published, whether or not the client has marked it yet. A redelivered
-        fan-in may resume a job left aggregating by a dead worker."""
-        claim = _CLAIM_AGAIN if redelivered else _CLAIM
+    def claim_fan_in(self, job_id: uuid.UUID, runner: str | None = None) -> FanInClaim | None:
+        """running -> aggregating for `runner`, with the outcomes to aggregate. A job still `pending` is
+        claimable too: its chord ran, so it was published. A job whose aggregation was lost with its
+        worker is taken over (see `_CLAIM_OR_TAKE`, and start_branches for a runner gone from this host);
+        after more than ORCH_MAX_DELIVERIES such losses the claim carries `lost`, and the job must end
+        failed without aggregating."""
+        runner = runner or this_process()
+        params = {"job": job_id, "b_runner": runner, "stall": self.stall_timeout}
         with self.engine.begin() as conn:
-            row = conn.execute(claim, {"job": job_id}).one_or_none()
+            row = conn.execute(_CLAIM_OR_TAKE, params).one_or_none()
+            me = Runner.parse(runner)
+            if row is None and me is not None:
+                holder = Runner.parse(conn.execute(_AGGREGATED_BY, params).scalar_one_or_none())
+                if holder is not None and holder.is_gone(me):
+                    row = conn.execute(_CLAIM_LOST, {**params, "lost_runner": str(holder)}).one_or_none()
             if row is None:
                 return None
+            if row.lost_runs > self.max_deliveries:
+                lost = died_too_often("the fan-in", row.lost_runs, row.error, self.max_deliveries)
+                return FanInClaim(row.fan_in, row.min_success, row.fan_in_timeout, (), lost)
             outcomes = self._outcomes(conn, job_id)
             if any(o.state in _ACTIVE for o in outcomes):
                 # The chord body runs once every branch task has ended; one that ended without recording
@@ -473,11 +679,14 @@ class Store:
         ).all()
         return [StoppedBranch(r.index, r.queue, r.celery_task_id, r.started_at is not None) for r in stopped]
 
-    def expire(self, job_id: uuid.UUID) -> tuple[FanInClaim, list[StoppedBranch]] | None:
-        """At the deadline: running -> aggregating, and every unfinished branch -> timed_out, atomically."""
+    def expire(
+        self, job_id: uuid.UUID, runner: str | None = None
+    ) -> tuple[FanInClaim, list[StoppedBranch]] | None:
+        """At the deadline: running -> aggregating (for `runner`, which aggregates at once), and every
+        unfinished branch -> timed_out, atomically."""
         now = utcnow()
         with self.engine.begin() as conn:
-            row = conn.execute(_CLAIM, {"job": job_id}).one_or_none()
+            row = conn.execute(_CLAIM, {"job": job_id, "b_runner": runner or this_process()}).one_or_none()
             if row is None:
                 return None
             stopped = self._stop_unfinished(
@@ -511,13 +720,17 @@ class Store:
         views = [branch_view(r) for r in conn.execute(_BRANCHES, {"job": job_id}).all()]
         return tuple(BranchOutcome(v.index, v.task, v.state, v.result, v.error, v.duration) for v in views)
 
-    def finalize(self, job_id: uuid.UUID, state: JobState, result: Any, error: str | None) -> bool:
+    def finalize(
+        self, job_id: uuid.UUID, state: JobState, result: Any, error: str | None, runner: str | None = None
+    ) -> bool:
+        """aggregating -> final, for the runner that claimed the job (None: claimed without one)."""
         params = {
             "job": job_id,
             "j_state": state.value,
             "j_result": result,
-            "j_error": error,
+            "j_error": clip(error),
             "now": utcnow(),
+            "b_runner": runner or this_process(),
         }
         with self.engine.begin() as conn:
             won = bool(conn.execute(_FINALIZE, params).rowcount)

@@ -16,7 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
 from celery import Celery, Task, signals
+from celery.worker.request import Request
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from .backend import PartCounter, SQLBackend
@@ -25,6 +28,7 @@ from .deadline import Deadline
 from .models import JobState
 from .policy import aggregate, execute
 from .registry import TaskKind, TaskSpec, catalog
+from .runners import Runner
 from .settings import Settings
 from .store import FanInClaim, Finished, SentAs, StoppedBranch, Store
 
@@ -55,11 +59,15 @@ class Runtime:
     store: Store
     engine: EngineSlot
     pool_size: int | None = None  # the worker's pool size (`-c`), learnt when the worker starts
+    # This worker process (`runners.Runner`, as text), named when the worker starts: a prefork child
+    # inherits its parent's, whose heartbeat covers the child's work. None outside a worker.
+    runner: str | None = None
+    request_class: type[Request] = Request
 
 
-def _sent_as(task: Task) -> SentAs:
-    """A branch may only be moved by the message it was published as."""
-    return SentAs(task_id=str(task.request.id), task=str(task.name))
+def _sent_as(runtime: Runtime, task: Task) -> SentAs:
+    """A branch may only be moved by the message it was published as, and finished by its runner."""
+    return SentAs(task_id=str(task.request.id), task=str(task.name), runner=runtime.runner)
 
 
 def _part_counter(task: Task) -> PartCounter | None:
@@ -80,11 +88,20 @@ def run_branch(
 ) -> dict[str, Any]:
     """One cpu branch, one message: its retries go back through the broker (the prefork child is freed)."""
     jid = uuid.UUID(job_id)
-    sent = _sent_as(task)
-    attempt = runtime.store.start_branch(jid, index, sent)
+    sent = _sent_as(runtime, task)
+    started = runtime.store.start_branch(jid, index, sent)
+    counter = _part_counter(task)
+    if started.poisoned:
+        (finished,) = started.poisoned
+        logger.error("branch %s[%d] %s: %s", job_id, index, spec.name, finished.error)
+        runtime.store.finish_branch(jid, sent, finished, also=counter)
+        if counter is not None:
+            counter.committed()
+        return {"index": index, "state": finished.state.value}
+    attempt = started.attempts.get(index)
     if attempt is None:
         return {"index": index, "skipped": _SKIPPED}
-    outcome = execute(spec, args, kwargs, Deadline(deadline_at), attempt)
+    outcome = execute(spec, args, kwargs, Deadline(deadline_at), attempt, runtime.settings.max_result_bytes)
     if outcome.retry_in is not None:
         logger.info(
             "branch %s[%d] attempt %d failed, retry in %.3fs: %s",
@@ -94,9 +111,9 @@ def run_branch(
             outcome.retry_in,
             outcome.error,
         )
+        runtime.store.requeue_branch(jid, index, sent)  # the retry's delivery starts it again
         raise task.retry(countdown=outcome.retry_in, max_retries=spec.retries)
     log_outcome(job_id, index, spec, outcome)
-    counter = _part_counter(task)
     finished = Finished(index, attempt, outcome.state, outcome.result, outcome.error)
     runtime.store.finish_branch(jid, sent, finished, also=counter)
     if counter is not None:
@@ -115,7 +132,14 @@ def run_io_batch(
     """io branches of one job and one catalog task, in one message, run by the worker's batch engine."""
     counter = _part_counter(task)
     done = runtime.engine.get().run(
-        runtime.store, spec, job_id, _sent_as(task), branches, deadline_at, also=counter
+        runtime.store,
+        spec,
+        job_id,
+        _sent_as(runtime, task),
+        branches,
+        deadline_at,
+        also=counter,
+        max_result_bytes=runtime.settings.max_result_bytes,
     )
     if counter is not None and done.ran:
         counter.committed()
@@ -159,8 +183,52 @@ def register_branch_task(app: Celery, runtime: Runtime, spec: TaskSpec) -> None:
         "typing": False,
         "shared": False,
         "ignore_result": True,
+        "Request": runtime.request_class,
     }
     app.task(name=spec.name, bind=True, **options, **RETRY_ON_DATABASE_ERRORS)(runner)
+
+
+def jobs_of(name: str, args: Sequence[Any]) -> tuple[str | None, str | None]:
+    """(job whose branches, job whose fan-in) a message of task `name` with `args` runs, by the
+    orchestrator's message shapes: a fan-in (header, job_id), the deadline (job_id), a branch or batch
+    (job_id, ...)."""
+    if not args:
+        return None, None
+    if name == FAN_IN:
+        return None, str(args[-1])
+    if name == DEADLINE:
+        return None, str(args[0])
+    return str(args[0]), None
+
+
+def _lost_aware_request(runtime: Runtime) -> type[Request]:
+    """The pool's request for the orchestrator's tasks: when the process running one dies (a prefork
+    child killed, or exiting on its own), the branch or fan-in is marked lost, saying how, before
+    Celery requeues the message (task_reject_on_worker_lost): its redelivery starts it at once and
+    counts the loss against ORCH_MAX_DELIVERIES."""
+
+    class LostAwareRequest(Request):  # type: ignore[misc]
+        def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+            exc = exc_info.exception
+            if isinstance(exc, ExceptionWithTraceback):
+                exc = exc.exc
+            if isinstance(exc, WorkerLostError):
+                self._mark_lost(str(exc))
+            super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+        def _mark_lost(self, reason: str) -> None:
+            try:
+                branches_of, fan_in_of = jobs_of(self.task_name, self.args)
+                if fan_in_of is not None:
+                    runtime.store.mark_fan_in_lost(uuid.UUID(fan_in_of), reason)
+                elif branches_of is not None:
+                    args = self.args
+                    indexes = [int(b[0]) for b in args[1]] if isinstance(args[1], list) else [int(args[1])]
+                    runtime.store.mark_lost(uuid.UUID(branches_of), indexes, str(self.id), reason)
+            except Exception as exc:  # the heartbeat's age frees the work instead, later
+                logger.warning("could not mark %s[%s] lost (%s): %s", self.task_name, self.id, reason, exc)
+
+    return LostAwareRequest
 
 
 def revoke(celery: Celery, cpu_queue: str, stopped: Sequence[StoppedBranch], *, terminate_cpu: bool) -> None:
@@ -179,40 +247,52 @@ def revoke(celery: Celery, cpu_queue: str, stopped: Sequence[StoppedBranch], *, 
 
 
 def _finalize(runtime: Runtime, job_id: uuid.UUID, claim: FanInClaim) -> JobState:
-    """Aggregate a claimed job and record how it ended (once: it is claimed)."""
+    """Aggregate a claimed job and record how it ended (once: it is claimed by this runner)."""
+    if claim.lost is not None:
+        logger.error("job %s: %s", job_id, claim.lost)
+        runtime.store.finalize(job_id, JobState.FAILED, None, claim.lost, runtime.runner)
+        return JobState.FAILED
     ended = aggregate(claim.fan_in, claim.outcomes, claim.min_success, claim.fan_in_timeout)
-    runtime.store.finalize(job_id, ended.state, ended.result, ended.error)
+    runtime.store.finalize(job_id, ended.state, ended.result, ended.error, runtime.runner)
     return ended.state
 
 
 def register(app: Celery, settings: Settings) -> Runtime:
     """Register the fan-in, the deadline watchdog and a runner for every loaded catalog branch task."""
-    store = Store(settings.database_url)
+    store = Store(
+        settings.database_url, stall_timeout=settings.stall_timeout, max_deliveries=settings.max_deliveries
+    )
     runtime = Runtime(settings, store, EngineSlot(lambda: runtime.pool_size or settings.io_concurrency))
+    runtime.request_class = _lost_aware_request(runtime)
     os.register_at_fork(after_in_child=runtime.engine.forget)
 
     @signals.worker_init.connect(weak=False)
-    def _learn_pool_size(sender: Any = None, **_: Any) -> None:
+    def _learn_worker(sender: Any = None, **_: Any) -> None:
+        """In the worker's main process, before its pool forks: its size, and its name as a runner."""
+        if getattr(sender, "app", None) is not app:
+            return
         size = getattr(sender, "concurrency", None)
-        if getattr(sender, "app", None) is app and isinstance(size, int) and size > 0:
+        if isinstance(size, int) and size > 0:
             runtime.pool_size = size
+        runtime.runner = str(Runner.here())
 
     # ignore_result: the job row holds the aggregate; storing the task's own return would be one more write.
-    @app.task(name=FAN_IN, bind=True, typing=False, ignore_result=True, shared=False)
+    lost_aware = {"Request": runtime.request_class}
+
+    @app.task(name=FAN_IN, bind=True, typing=False, ignore_result=True, shared=False, **lost_aware)
     def fan_in(self: Task, _header: Any, job_id: str) -> dict[str, Any]:
         """The chord body: aggregate the outcomes recorded in SQL (the header's return values are ignored)."""
         jid = uuid.UUID(job_id)
-        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-        claim = store.claim_fan_in(jid, redelivered=redelivered)
+        claim = store.claim_fan_in(jid, runtime.runner)
         if claim is None:
-            return {"job": job_id, "skipped": "job is not running"}
+            return {"job": job_id, "skipped": "job is not running, or another fan-in holds it"}
         return {"job": job_id, "state": _finalize(runtime, jid, claim).value}
 
-    @app.task(name=DEADLINE, bind=True, typing=False, ignore_result=True, shared=False)
+    @app.task(name=DEADLINE, bind=True, typing=False, ignore_result=True, shared=False, **lost_aware)
     def deadline(self: Task, job_id: str) -> dict[str, Any]:
         """Published with an ETA at the job's deadline: time out what is unfinished and run the fan-in now."""
         jid = uuid.UUID(job_id)
-        expired = store.expire(jid)
+        expired = store.expire(jid, runtime.runner)
         if expired is None:
             return {"job": job_id, "skipped": "job already final"}
         claim, stopped = expired

@@ -43,6 +43,7 @@ class BranchView:
     result: Any = None
     error: str | None = None
     late: bool = False
+    lost_runs: int = 0  # runs lost with their worker (killed, or silent past ORCH_STALL_TIMEOUT)
 
     @property
     def duration(self) -> float | None:

@@ -100,3 +100,9 @@ def timed_sleep(seconds: float) -> dict[str, float]:
 def echo(value: Any) -> Any:
     """Returns its argument: what a branch received is what it was submitted with."""
     return value
+
+
+@cpu_task
+def die(exit_code: int = 3) -> None:
+    """Ends its own process mid-branch, as a crashing extension or the kernel's OOM killer would."""
+    os._exit(exit_code)

@@ -177,7 +177,7 @@ def test_a_part_counted_with_its_outcome_commits_with_it_or_not_at_all(database_
     body = dict(app.signature("orchestrator.fan_in", args=(str(job_id),), queue=queue))
     backend._apply_chord_incr((group_id, [app.AsyncResult(t) for t in task_ids]), body)
     requests = [Context(id=t, group=group_id, chord=body, delivery_info={}) for t in task_ids]
-    assert store.start_branches(job_id, [0, 1], sent) == {0: 1, 1: 1}
+    assert store.start_branches(job_id, [0, 1], sent).attempts == {0: 1, 1: 1}
 
     # The outcome's transaction fails after counting: neither the outcome nor the count is kept.
     first = backend.part_counter(requests[0])

@@ -43,7 +43,7 @@ def _finish(args: tuple[str, str, int]) -> bool:
 def test_one_outcome_per_branch_under_racing_threads_and_processes(store: Store) -> None:
     job_id = _job(store, 4)
     for i in range(4):
-        assert store.start_branch(job_id, i, _sent(i)) == 1
+        assert store.start_branch(job_id, i, _sent(i)).attempts == {i: 1}
     work = [(store.database_url, str(job_id), i % 4) for i in range(64)]
     with ThreadPoolExecutor(16) as pool:
         thread_wins = list(pool.map(_finish, work[:32]))
@@ -52,7 +52,7 @@ def test_one_outcome_per_branch_under_racing_threads_and_processes(store: Store)
     assert sum(thread_wins) + sum(process_wins) == 4  # one winner per branch, across both
     view = store.get(job_id)
     assert view.branch_done == 4
-    assert store.start_branch(job_id, 0, _sent(0)) is None
+    assert store.start_branch(job_id, 0, _sent(0)).attempts == {}
 
 
 @pytest.mark.integration
@@ -64,7 +64,7 @@ def test_a_job_is_claimed_and_finalized_once(store: Store) -> None:
     with ThreadPoolExecutor(16) as pool:
         finals = list(pool.map(lambda _: store.finalize(job_id, JobState.SUCCEEDED, 1, None), range(16)))
     assert sum(finals) == 1
-    assert store.claim_fan_in(job_id, redelivered=True) is None
+    assert store.claim_fan_in(job_id) is None
     assert store.get(job_id).state == "succeeded"
 
 
@@ -72,9 +72,11 @@ def test_the_fan_in_claim_fails_branches_left_without_an_outcome(store: Store) -
     """A branch task that died on an infrastructure error never recorded an outcome; the chord body still
     runs once every task ended, and its claim leaves no branch of the job pending or running."""
     job_id = _job(store, 3)
-    assert store.start_branch(job_id, 0, _sent(0)) == 1
+    assert store.start_branch(job_id, 0, _sent(0)).attempts == {0: 1}
     store.finish_branch(job_id, _sent(0), Finished(0, 1, BranchState.SUCCEEDED, 1))
-    assert store.start_branch(job_id, 1, _sent(1)) == 1  # its worker lost the database mid-branch
+    assert store.start_branch(job_id, 1, _sent(1)).attempts == {
+        1: 1
+    }  # its worker lost the database mid-branch
     claim = store.claim_fan_in(job_id)
     assert claim is not None
     assert [o.state for o in claim.outcomes] == ["succeeded", "failed", "failed"]  # what the fan-in sees
@@ -130,11 +132,11 @@ def test_only_the_message_a_branch_was_sent_as_moves_it(store: Store) -> None:
     job_id = _job(store, 2)
     forged = [SentAs("another-task-id", _sent(0).task), SentAs(_sent(0).task_id, "jobs.cpu.sha256_rounds")]
     for sent in forged:
-        assert store.start_branch(job_id, 0, sent) is None
-        assert store.start_branches(job_id, [0, 1], sent) == {}
+        assert store.start_branch(job_id, 0, sent).attempts == {}
+        assert store.start_branches(job_id, [0, 1], sent).attempts == {}
     assert [b.state for b in store.get(job_id).branches] == ["pending", "pending"]
 
-    assert store.start_branch(job_id, 0, _sent(0)) == 1
+    assert store.start_branch(job_id, 0, _sent(0)).attempts == {0: 1}
     for sent in forged:
         won, _ = store.finish_branch(job_id, sent, Finished(0, 1, BranchState.SUCCEEDED, "forged"))
         assert not won

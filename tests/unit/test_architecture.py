@@ -26,6 +26,9 @@ NO_CELERY = {
     "hosts",
     "deadline",
     "errors",
+    "clock",
+    "runners",
+    "rescue",
 }
 
 

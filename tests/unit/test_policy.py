@@ -73,6 +73,18 @@ def test_a_result_that_is_not_json_fails_the_branch() -> None:
     assert outcome.error is not None and outcome.error.startswith("result is not JSON-serializable")
 
 
+def _blob(size: int) -> str:
+    return "x" * size
+
+
+def test_a_result_over_the_size_limit_fails_the_branch() -> None:
+    at_limit = execute(_spec(_blob), [98], {}, NO_BUDGET, attempt=1, max_result_bytes=100)
+    assert at_limit.state is BranchState.SUCCEEDED  # 98 characters and two quotes: 100 bytes of JSON
+    over = execute(_spec(_blob), [99], {}, NO_BUDGET, attempt=1, max_result_bytes=100)
+    assert (over.state, over.result, over.retry_in) == (BranchState.FAILED, None, None)
+    assert over.error == "result of 101 bytes exceeds ORCH_MAX_RESULT_BYTES (100)"
+
+
 def test_retries_are_offered_until_the_attempts_run_out() -> None:
     spec = _spec(_boom, retries=2, backoff=0.5)
     delays = [execute(spec, [], {}, NO_BUDGET, attempt=a).retry_in for a in (1, 2, 3)]

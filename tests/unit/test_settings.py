@@ -15,6 +15,8 @@ def test_nothing_set_means_the_embedded_default(tmp_path: Path) -> None:
     assert s.broker_url == "filesystem://"
     assert s.result_backend == f"orchestrator.backend:SQLBackend+{s.database_url}"
     assert s.imports == ("jobs",)
+    assert (s.max_deliveries, s.stall_timeout) == (3, 30.0)
+    assert s.max_args_bytes == s.max_result_bytes == 1 << 20
 
 
 def test_production_urls_and_imports() -> None:
@@ -39,6 +41,9 @@ def test_production_urls_and_imports() -> None:
         ({"ORCH_CPU_CONCURRENCY": "0"}, "ORCH_CPU_CONCURRENCY must be >= 1"),
         ({"ORCH_FAN_IN_TIMEOUT": "-1"}, "ORCH_FAN_IN_TIMEOUT must be positive"),
         ({"ORCH_IO_POOL": "prefork"}, "ORCH_IO_POOL must be threads or gevent"),
+        ({"ORCH_MAX_DELIVERIES": "-1"}, "ORCH_MAX_DELIVERIES must be >= 0"),
+        ({"ORCH_STALL_TIMEOUT": "0"}, "ORCH_STALL_TIMEOUT must be positive"),
+        ({"ORCH_MAX_ARGS_BYTES": "1MB"}, "ORCH_MAX_ARGS_BYTES must be an integer"),
     ],
 )
 def test_bad_settings_are_refused_clearly(env: dict[str, str], message: str) -> None:

@@ -110,6 +110,14 @@ def _published(orc: Orchestrator) -> list[str]:
             InvalidJobSpec,
             "arguments nest deeper than",
         ),
+        # A 2 MiB argument (the default limit is 1 MiB of JSON a branch): a reference should travel.
+        (
+            [branch("jobs.io.sleep", 0.01), branch("jobs.io.tcp_probe", "x" * (2 << 20), 1)],
+            "jobs.aggregate.collect",
+            InvalidJobSpec,
+            "branch 1 \\(jobs.io.tcp_probe\\): arguments are 2097165 bytes of JSON, more than "
+            "ORCH_MAX_ARGS_BYTES \\(1048576\\)",
+        ),
     ],
 )
 def test_bad_spec_raises_and_writes_nothing(

@@ -1,0 +1,239 @@
+"""Lost work, in SQL: who may start, finish and take over a branch or a fan-in, and what the rescuer's
+sweeps find, on PostgreSQL and SQLite, with the database's own clock."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection
+
+from orchestrator.models import BranchState, JobState
+from orchestrator.rescue import Rescue
+from orchestrator.store import Finished, NewBranch, NewJob, SentAs, Store
+
+TASK = "jobs.io.sleep"
+# Workers on two other hosts: only their heartbeats tell whether they live.
+A = f"{socket.gethostname()}-a:101:aaaa"
+B = f"{socket.gethostname()}-b:202:bbbb"
+STALL = 0.3
+
+
+@pytest.fixture
+def store(database_url: str) -> Store:
+    return Store(database_url, stall_timeout=STALL, max_deliveries=2)
+
+
+def _job(store: Store, n: int = 1) -> tuple[uuid.UUID, str]:
+    """A running job of `n` io branches in one message; returns its id and the message's task id."""
+    task_id = str(uuid.uuid4())
+    branches = [NewBranch(TASK, "io", [0.1], {}, task_id) for _ in range(n)]
+    ((job_id, _),) = store.create_jobs(
+        [NewJob(uuid.uuid4(), "lost", "jobs.aggregate.collect", branches)], running=True
+    )
+    return job_id, task_id
+
+
+def _done(index: int, attempts: int) -> Finished:
+    return Finished(index, attempts, BranchState.SUCCEEDED, index)
+
+
+class Counted:
+    """An `also` that records whether it ran (the chord count of a message)."""
+
+    def __init__(self) -> None:
+        self.ran = 0
+
+    def __call__(self, conn: Connection) -> None:
+        self.ran += 1
+
+
+def test_a_duplicate_delivery_starts_nothing_while_its_runner_lives(store: Store) -> None:
+    job_id, tid = _job(store, 2)
+    assert store.start_branches(job_id, [0, 1], SentAs(tid, TASK, A)).attempts == {0: 1, 1: 1}
+    # The same message again (a broker redelivery after a connection loss), on another worker.
+    again = store.start_branches(job_id, [0, 1], SentAs(tid, TASK, B))
+    assert again.attempts == {} and again.poisoned == ()
+    branches = store.get(job_id).branches
+    assert [(b.state, b.attempts) for b in branches] == [("running", 1), ("running", 1)]
+
+
+def test_a_silent_run_is_taken_over_and_its_late_finish_records_nothing(store: Store) -> None:
+    """A worker paused past the stall timeout (SIGSTOP) loses its branch to the message's next run;
+    when it resumes, its outcome is not written, and it does not count the message's chord part."""
+    job_id, tid = _job(store)
+    paused, taker = SentAs(tid, TASK, A), SentAs(tid, TASK, B)
+    assert store.start_branch(job_id, 0, paused).attempts == {0: 1}
+    time.sleep(STALL + 0.2)
+    assert store.start_branch(job_id, 0, taker).attempts == {0: 2}
+
+    counted = Counted()
+    won, _ = store.finish_branch(job_id, paused, _done(0, 1), also=counted)
+    assert not won and counted.ran == 0
+    store.finish_branches(job_id, paused, [_done(0, 1)], also=counted)
+    assert counted.ran == 0
+    view = store.get(job_id)
+    assert (view.branches[0].state, view.branch_done) == ("running", 0)
+
+    store.finish_branches(job_id, taker, [_done(0, 2)], also=counted)
+    assert counted.ran == 1
+    branch = store.get(job_id).branches[0]
+    assert (branch.state, branch.attempts, branch.result) == ("succeeded", 2, 0)
+
+
+def test_a_run_marked_lost_is_taken_at_once_and_too_many_losses_fail_it(store: Store) -> None:
+    """What the prefork pool reports when a child dies: the branch is free for the redelivery at once;
+    after ORCH_MAX_DELIVERIES (2 here) runs lost, the next delivery records it failed, saying why."""
+    job_id, tid = _job(store)
+    reason = "Worker exited prematurely: signal 9 (SIGKILL) Job: 3."
+    for run in range(1, 4):
+        started = store.start_branch(job_id, 0, SentAs(tid, TASK, f"{A}{run}"))
+        assert started.attempts == {0: run}, run
+        assert store.mark_lost(job_id, [0], tid, reason) == 1
+    started = store.start_branch(job_id, 0, SentAs(tid, TASK, B))
+    assert started.attempts == {}
+    (poisoned,) = started.poisoned
+    assert poisoned.state == BranchState.FAILED
+    assert poisoned.error == (
+        "the branch's worker died while running it 3 times (last: Worker exited prematurely: signal 9 "
+        "(SIGKILL) Job: 3.); not run again (ORCH_MAX_DELIVERIES=2)"
+    )
+    store.finish_branch(job_id, SentAs(tid, TASK, B), poisoned)
+    view = store.get(job_id)
+    assert (view.branches[0].state, view.branches[0].error, view.branch_done) == ("failed", poisoned.error, 1)
+    assert store.mark_lost(job_id, [0], tid, reason) == 0  # final: nothing to free
+
+
+def test_a_runner_gone_from_this_host_is_taken_over_without_waiting(database_url: str) -> None:
+    """A worker killed and restarted on the same host: RabbitMQ hands its messages out again at once, and
+    the new worker sees the old process is gone, so it need not wait for the heartbeat to age."""
+    store = Store(database_url, stall_timeout=3600)
+    job_id, tid = _job(store)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid is free
+    gone = f"{socket.gethostname()}:{dead.pid}:old"
+    assert store.start_branch(job_id, 0, SentAs(tid, TASK, gone)).attempts == {0: 1}
+    live = f"{socket.gethostname()}:1:init"  # pid 1 lives: a live worker's branch is never taken
+    assert store.start_branch(job_id, 0, SentAs(tid, TASK, live)).attempts == {0: 2}
+    here = SentAs(tid, TASK, f"{socket.gethostname()}:999999:new")
+    assert store.start_branch(job_id, 0, here).attempts == {}
+
+
+def test_a_queued_retry_starts_again_only_through_its_own_delivery(store: Store) -> None:
+    """A cpu retry goes back through the broker: the branch is queued again, not left to a live runner."""
+    job_id, tid = _job(store)
+    sent = SentAs(tid, TASK, A)
+    assert store.start_branch(job_id, 0, sent).attempts == {0: 1}
+    assert store.requeue_branch(job_id, 0, SentAs(tid, TASK, B)) is False  # not the runner: no move
+    assert store.requeue_branch(job_id, 0, sent) is True
+    assert store.start_branch(job_id, 0, SentAs(tid, TASK, B)).attempts == {0: 2}
+    assert store.get(job_id).branches[0].lost_runs == 0  # a retry is not a lost run
+
+
+def test_heartbeats_keep_runs_and_the_sweep_takes_silent_ones_once(store: Store) -> None:
+    job_id, tid = _job(store, 3)
+    assert store.start_branches(job_id, [0, 1, 2], SentAs(tid, TASK, A)).attempts == {0: 1, 1: 1, 2: 1}
+    store.finish_branches(job_id, SentAs(tid, TASK, A), [_done(0, 1)])
+    rescue = Rescue(store.engine, STALL)
+    for _ in range(4):  # a live runner's heartbeat: never silent
+        rescue.beat(A, [job_id], [])
+        time.sleep(STALL / 2)
+        assert rescue.silent_branches() == []
+
+    time.sleep(STALL + 0.2)  # A fell silent: of eight racing sweeps, one takes its branches
+    with ThreadPoolExecutor(8) as pool:
+        found = [m for ms in pool.map(lambda _: rescue.silent_branches(), range(8)) for m in ms]
+    (message,) = found
+    assert (message.job_id, message.task, message.queue, message.task_id) == (job_id, TASK, "io", tid)
+    assert message.branches == [[1, [0.1], {}], [2, [0.1], {}]]  # the finished one is not run again
+    assert message.chord is None  # no join recorded for this job (the publisher records one)
+    assert rescue.silent_branches() == []  # taken: not again before another stall timeout
+    branches = store.get(job_id).branches
+    assert branches[1].error is not None and branches[1].error.startswith(f"no heartbeat from its worker {A}")
+
+    # The message published again starts them at once, counting the lost run.
+    started = store.start_branches(job_id, [1, 2], SentAs(tid, TASK, B))
+    assert started.attempts == {1: 2, 2: 2}
+    assert [b.lost_runs for b in store.get(job_id).branches] == [0, 1, 1]
+
+
+def test_the_sweep_finds_fan_ins_that_never_ran_and_aggregations_that_were_lost(store: Store) -> None:
+    job_id, tid = _job(store)
+    queued, _ = _job(store)
+    assert store.start_branch(job_id, 0, SentAs(tid, TASK, A)).attempts == {0: 1}
+    store.finish_branch(job_id, SentAs(tid, TASK, A), _done(0, 1))
+    rescue = Rescue(store.engine, STALL)
+    time.sleep(STALL + 0.2)
+    due = {d.id: d for d in rescue.due_jobs()}
+    assert set(due) == {job_id, queued}
+    assert due[job_id].complete and due[job_id].state == "running"  # its fan-in never came
+    assert not due[queued].complete  # its queued branches are looked at: are their messages gone?
+    assert [m.branches for m in rescue.queued_branches([queued])] == [[[0, [0.1], {}]]]
+    assert rescue.due_jobs() == []  # looked at: not again before another stall timeout
+
+    claim = store.claim_fan_in(job_id, A)
+    assert claim is not None
+    assert store.claim_fan_in(job_id, B) is None  # A aggregates, and is alive
+    time.sleep(STALL + 0.2)  # A fell silent while aggregating
+    (lost,) = [d for d in rescue.due_jobs() if d.id == job_id]
+    assert lost.state == "aggregating"
+    again = store.claim_fan_in(job_id, B)
+    assert again is not None and again.lost is None
+    assert not store.finalize(job_id, JobState.SUCCEEDED, "from A", None, A)  # A came back: too late
+    assert store.finalize(job_id, JobState.SUCCEEDED, "from B", None, B)
+    view = store.get(job_id)
+    assert (view.state, view.result) == ("succeeded", "from B")
+
+
+def test_a_fan_in_lost_too_often_fails_the_job(store: Store) -> None:
+    job_id, _ = _job(store)
+    for run in range(3):
+        assert store.claim_fan_in(job_id, f"{A}{run}") is not None
+        assert store.mark_fan_in_lost(job_id, "Worker exited prematurely: exitcode 1 Job: 7.")
+    claim = store.claim_fan_in(job_id, B)
+    assert claim is not None and claim.lost == (
+        "the fan-in's worker died while running it 3 times (last: Worker exited prematurely: exitcode 1 "
+        "Job: 7.); not run again (ORCH_MAX_DELIVERIES=2)"
+    )
+
+
+def test_outcomes_and_errors_keep_a_bounded_size(store: Store) -> None:
+    job_id, tid = _job(store)
+    sent = SentAs(tid, TASK, A)
+    store.start_branch(job_id, 0, sent)
+    huge = "x" * 50_000
+    store.finish_branch(job_id, sent, Finished(0, 1, BranchState.FAILED, None, huge))
+    error = store.get(job_id).branches[0].error
+    assert error is not None and error == "x" * 4096 + "... [45904 more characters cut]"
+
+
+def _runs_in(threads: int, fn: Any) -> list[Any]:
+    results: list[Any] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        value = fn()
+        with lock:
+            results.append(value)
+
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return results
+
+
+def test_racing_takeovers_of_one_silent_branch_have_one_winner(store: Store) -> None:
+    job_id, tid = _job(store)
+    assert store.start_branch(job_id, 0, SentAs(tid, TASK, A)).attempts == {0: 1}
+    time.sleep(STALL + 0.2)
+    starts = _runs_in(8, lambda: store.start_branch(job_id, 0, SentAs(tid, TASK, B)).attempts)
+    assert sorted(map(len, starts)) == [0] * 7 + [1]
