@@ -19,8 +19,11 @@ from .errors import (
     InvalidArgument,
     InvalidJobSpec,
     JobAlreadyFinal,
+    JobNotFinal,
     JobNotFound,
+    NothingToRetry,
     OrchestratorError,
+    Overloaded,
     PublishError,
     SchemaNotReady,
     UnknownTask,
@@ -30,13 +33,14 @@ from .errors import (
 from .models import BranchState, JobState
 from .registry import aggregator, cpu_task, io_task
 from .settings import Settings
-from .views import BranchOutcome, BranchView, BreakerView, JobView
+from .views import BranchOutcome, BranchRunView, BranchView, BreakerView, HistoryView, JobView, RunView
 
 __all__ = [
     "NO_DEADLINE",
     "ArgumentsNotSerializable",
     "AsyncOrchestrator",
     "BranchOutcome",
+    "BranchRunView",
     "BranchSpec",
     "BranchState",
     "BranchView",
@@ -47,16 +51,21 @@ __all__ = [
     "ConfigurationError",
     "Deadline",
     "DeadlineExceeded",
+    "HistoryView",
     "InvalidArgument",
     "InvalidJobSpec",
     "JobAlreadyFinal",
+    "JobNotFinal",
     "JobNotFound",
     "JobSpec",
     "JobState",
     "JobView",
+    "NothingToRetry",
     "Orchestrator",
     "OrchestratorError",
+    "Overloaded",
     "PublishError",
+    "RunView",
     "SchemaNotReady",
     "Settings",
     "UnknownTask",

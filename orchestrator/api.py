@@ -12,19 +12,29 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import breaker, database, registry
+from . import admission, breaker, database, registry
 from .app import app_for
-from .errors import ArgumentsNotSerializable, InvalidJobSpec, JobAlreadyFinal, PublishError, WaitTimeout
-from .models import FINAL_JOB_STATES, JobState, utcnow
-from .plan import plan
+from .errors import (
+    ArgumentsNotSerializable,
+    InvalidArgument,
+    InvalidJobSpec,
+    JobAlreadyFinal,
+    Overloaded,
+    PublishError,
+    WaitTimeout,
+)
+from .models import FINAL_JOB_STATES, RETRY_STATES, BranchState, JobState, utcnow
+from .plan import plan, replan
 from .publisher import Outgoing, Publisher
 from .registry import TaskKind, TaskSpec
+from .rescue import chord_group
 from .settings import Settings
-from .store import NewBranch, NewJob, Store, parse_job_id
+from .store import NewBranch, NewJob, Redrive, Store, parse_job_id
 from .tasks import revoke
-from .views import BranchView, BreakerView, JobView
+from .views import BranchView, BreakerView, HistoryView, JobView, history_view
 
 _NAME_MAX = 200
+_RETRYABLE = frozenset(RETRY_STATES) | {BranchState.SUCCEEDED.value, BranchState.CANCELLED.value}
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,25 @@ class JobSpec:
     min_success: int | None = None
     fan_in_timeout: float | None = None
     idempotency_key: str | None = None
+    priority: int = 0
+
+
+class _Drain:
+    """How fast admitted work drained while a submit waited: the retry-after hint of Overloaded."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int]] = []
+
+    def seen(self, active: int) -> None:
+        self.samples.append((time.monotonic(), active))
+
+    def retry_after(self, active: int, requested: int, limit: int) -> float:
+        missing = max(active + requested - limit, 1)
+        if len(self.samples) >= 2:
+            (t0, a0), (t1, a1) = self.samples[0], self.samples[-1]
+            if a1 < a0 and t1 > t0:
+                return min(max(missing / ((a0 - a1) / (t1 - t0)), 0.1), 60.0)
+        return 1.0
 
 
 def _submitted(job: NewJob, created_at: datetime) -> JobView:
@@ -148,6 +177,7 @@ def _submitted(job: NewJob, created_at: datetime) -> JobView:
         created_at=created_at,
         started_at=created_at,
         deadline_at=job.deadline_at,
+        priority=job.priority,
         branches=tuple(
             BranchView(
                 i, b.task, b.queue, {"args": b.args, "kwargs": b.kwargs}, celery_task_id=b.celery_task_id
@@ -221,11 +251,27 @@ class Orchestrator:
         key = spec.idempotency_key
         if key is not None and (not isinstance(key, str) or len(key) > _NAME_MAX):
             raise InvalidJobSpec(f"idempotency_key must be a string of at most {_NAME_MAX} characters")
+        priority = spec.priority
+        top = self.settings.max_priority
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= top:
+            raise InvalidJobSpec(
+                f"priority must be an integer from 0 to {top} (ORCH_MAX_PRIORITY), got {priority!r}"
+                if top
+                else "priorities are off (ORCH_MAX_PRIORITY=0): submit without priority"
+            )
         deadline_at = None if deadline is None else utcnow() + timedelta(seconds=deadline)
         new = NewJob(
-            uuid.uuid4(), spec.name, str(spec.fan_in), job.branches, key, deadline_at, min_success, timeout
+            uuid.uuid4(),
+            spec.name,
+            str(spec.fan_in),
+            job.branches,
+            key,
+            deadline_at,
+            min_success,
+            timeout,
+            priority,
         )
-        return new, self.publisher.outgoing(str(new.id), job, timeout, deadline_at)
+        return new, self.publisher.outgoing(str(new.id), job, timeout, deadline_at, priority)
 
     def submit(
         self,
@@ -237,6 +283,9 @@ class Orchestrator:
         min_success: int | None = None,
         fan_in_timeout: float | None = None,
         idempotency_key: str | None = None,
+        priority: int = 0,
+        block: bool = True,
+        block_timeout: float | None = None,
     ) -> JobView:
         """Validate the whole spec, record the job and its branches, then publish its messages.
 
@@ -244,16 +293,26 @@ class Orchestrator:
         timed_out. min_success: fewer succeeded branches fail the job without calling the aggregator.
         fan_in_timeout: the aggregator's soft time limit (default ORCH_FAN_IN_TIMEOUT).
         idempotency_key: a job already submitted with this key is returned instead of a new one.
+        priority: 0 (the default, bulk) to ORCH_MAX_PRIORITY (9, most urgent): its messages, the fan-in's
+        included, overtake queued ones of lower priority.
+        block, block_timeout: when ORCH_MAX_ACTIVE_BRANCHES are admitted and unfinished, wait for room up
+        to block_timeout seconds (default ORCH_BLOCK_TIMEOUT), then raise Overloaded; block=False raises
+        at once.
         """
-        spec = JobSpec(branches, fan_in, name, deadline, min_success, fan_in_timeout, idempotency_key)
-        (view,) = self.submit_many([spec])
+        spec = JobSpec(
+            branches, fan_in, name, deadline, min_success, fan_in_timeout, idempotency_key, priority
+        )
+        (view,) = self.submit_many([spec], block=block, block_timeout=block_timeout)
         return view
 
-    def submit_many(self, specs: Sequence[JobSpec]) -> list[JobView]:
+    def submit_many(
+        self, specs: Sequence[JobSpec], *, block: bool = True, block_timeout: float | None = None
+    ) -> list[JobView]:
         """Submit many jobs at once: all are validated before anything is written (one bad spec raises
         and writes nothing), all are recorded in one transaction, then published through one broker
         connection. A job whose idempotency key names an existing job is not submitted again: that job
-        is returned in its place. Returns the views in the order of `specs`."""
+        is returned in its place. Returns the views in the order of `specs`. They are admitted together
+        (see `submit` for block and block_timeout)."""
         registry.load(self.settings.imports)  # only submit needs the catalog: reads and cancel work on rows
         prepared = [self._prepare(spec) for spec in specs]
         if not prepared:
@@ -261,8 +320,8 @@ class Orchestrator:
         outgoing = {new.id: out for new, out in prepared}
         # Recorded running: the messages follow the commit at once (a fan-in may even finish the job before
         # a later UPDATE could say it was published), and a publish that fails marks the job failed.
-        created = self.store.create_jobs(
-            [new for new, _ in prepared], also=self.publisher.record(outgoing), running=True
+        created = self._admit(
+            [new for new, _ in prepared], outgoing, block=block, block_timeout=block_timeout
         )
         fresh = [
             (new, at) for (new, _), (job_id, at) in zip(prepared, created, strict=True) if at is not None
@@ -271,6 +330,49 @@ class Orchestrator:
             self._publish([outgoing[new.id] for new, _ in fresh])
         views = {new.id: _submitted(new, at) for new, at in fresh}
         return [views.get(job_id) or self.store.get(job_id) for job_id, _ in created]
+
+    def _admit(
+        self,
+        jobs: Sequence[NewJob],
+        outgoing: dict[uuid.UUID, Outgoing],
+        *,
+        block: bool,
+        block_timeout: float | None,
+    ) -> list[tuple[uuid.UUID, datetime | None]]:
+        """Record the jobs once the admission bound has room for their branches (see `admission`)."""
+        limit = self.settings.max_active_branches
+        requested = sum(len(j.branches) for j in jobs)
+        if limit and requested > limit:
+            raise InvalidJobSpec(
+                f"{requested} branches can never be admitted at once: ORCH_MAX_ACTIVE_BRANCHES is {limit}; "
+                "submit them in smaller jobs or batches"
+            )
+        timeout = self.settings.block_timeout if block_timeout is None else block_timeout
+        started, pause, drain = time.monotonic(), 0.02, _Drain()
+        while True:
+            try:
+                return self.store.create_jobs(
+                    jobs, also=self.publisher.record(outgoing), running=True, limit=limit
+                )
+            except admission.Full as full:
+                active = full.active
+            drain.seen(active)
+            while True:  # wait for room with a cheap read, not by inserting again
+                waited = time.monotonic() - started
+                if not block or waited >= timeout:
+                    raise Overloaded(
+                        active=active,
+                        limit=limit,
+                        requested=requested,
+                        waited=waited,
+                        retry_after=drain.retry_after(active, requested, limit),
+                    )
+                time.sleep(min(pause, max(timeout - waited, 0.0)))
+                pause = min(pause * 2, 0.25)
+                active = self.store.admitted()
+                drain.seen(active)
+                if active + requested <= limit:
+                    break
 
     def _publish(self, jobs: Sequence[Outgoing]) -> None:
         """Send the recorded jobs. Those that could not be sent are marked failed with their branches
@@ -286,6 +388,61 @@ class Orchestrator:
             raise PublishError(
                 f"{which} recorded but could not be published: {exc}", published=exc.published
             ) from exc
+
+    # --- redrive -----------------------------------------------------------------------------------
+
+    def retry(
+        self,
+        job_id: str,
+        states: Sequence[str] = RETRY_STATES,
+        *,
+        deadline: float | None = None,
+    ) -> JobView:
+        """Run again the branches of a final job that ended in `states` (by default failed, timed_out and
+        short_circuited); the others keep their outcomes, and the fan-in runs again over all of them.
+        The job's earlier run and the branches' earlier outcomes are kept (`history`); the job's state,
+        result and `run` are the latest run's. deadline: seconds from now for the new run (none by
+        default: the old deadline has passed). Raises JobNotFinal for a job still running or retried by
+        another caller first (of concurrent retries one wins), NothingToRetry when no branch is in
+        `states`, Overloaded when ORCH_MAX_ACTIVE_BRANCHES has no room for the job."""
+        uid = parse_job_id(job_id)
+        chosen_states = tuple(dict.fromkeys(states)) if not isinstance(states, str) else (states,)
+        bad = [s for s in chosen_states if s not in _RETRYABLE]
+        if bad or not chosen_states:
+            raise InvalidArgument(
+                f"retry states must be among {', '.join(sorted(_RETRYABLE))}, got {list(chosen_states)!r}"
+            )
+        span = None if deadline is None else _positive("deadline", deadline)
+
+        def prepare(job: Any, chosen: dict[int, NewBranch]) -> Redrive:
+            again = replan(chosen, batch_queue=self.settings.io_queue, chunk_size=self.settings.io_chunk_size)
+            deadline_at = None if span is None else utcnow() + timedelta(seconds=span)
+            outgoing = self.publisher.outgoing(
+                str(uid),
+                again,
+                job.fan_in_timeout or self.settings.fan_in_timeout,
+                deadline_at,
+                job.priority,
+                group_id=chord_group(uid, job.run + 1),
+            )
+            task_ids = {i: m.task_id for m in again.messages for i in m.indexes}
+            return Redrive(task_ids, deadline_at, self.publisher.record_run(outgoing), outgoing)
+
+        limit = self.settings.max_active_branches
+        try:
+            redrive = self.store.redrive(uid, chosen_states, prepare, limit=limit)
+        except admission.Full as full:
+            raise Overloaded(
+                active=full.active, limit=limit, requested=full.requested, waited=0.0, retry_after=1.0
+            ) from None
+        self._publish([redrive.outgoing])
+        return self.store.get(uid)
+
+    def history(self, job_id: str) -> HistoryView:
+        """A job's earlier runs and its branches' earlier outcomes, oldest first (see `retry`)."""
+        self.store.state(job_id)  # JobNotFound for an unknown job
+        runs, branches = self.store.history(job_id)
+        return history_view(str(parse_job_id(job_id)), runs, branches)
 
     def cancel(self, job_id: str) -> JobView:
         """Cancel a pending or running job: unfinished branches become cancelled and are revoked (running

@@ -42,6 +42,17 @@ def broker_transport_options(s: Settings) -> dict[str, Any]:
     return {}
 
 
+def queue_arguments(s: Settings) -> dict[str, Any] | None:
+    """RabbitMQ serves a queue's messages by priority only when the queue is declared with
+    x-max-priority, and a queue's arguments cannot change once declared: an existing queue declared
+    without them refuses this declaration (PRECONDITION_FAILED; see the README on upgrading). Redis
+    (priority steps) and the file-system transport take no arguments."""
+    redis = s.broker_url.startswith(("redis://", "rediss://", "sentinel://"))
+    if not s.max_priority or s.embedded or redis:
+        return None
+    return {"x-max-priority": s.max_priority}
+
+
 def build_app(s: Settings, *, set_as_current: bool = False) -> Celery:
     """A new app for `s`, with the orchestrator's tasks and a runner for every catalog task loaded now
     (load the catalog first: `registry.load(s.imports)`)."""
@@ -53,7 +64,10 @@ def build_app(s: Settings, *, set_as_current: bool = False) -> Celery:
         accept_content=["json"],
         result_accept_content=["json"],
         event_serializer="json",
-        task_queues=[Queue(q, exchange, routing_key=q) for q in (s.io_queue, s.cpu_queue, s.fanin_queue)],
+        task_queues=[
+            Queue(q, exchange, routing_key=q, queue_arguments=queue_arguments(s))
+            for q in (s.io_queue, s.cpu_queue, s.fanin_queue)
+        ],
         task_default_queue=s.fanin_queue,
         task_default_exchange="orchestrator",
         task_default_routing_key=s.fanin_queue,

@@ -74,5 +74,31 @@ class PublishError(OrchestratorError):
         self.published = published
 
 
+class Overloaded(OrchestratorError):
+    """Backpressure: admitting the job would pass ORCH_MAX_ACTIVE_BRANCHES, and no room came within the
+    submit's block timeout (or it did not block). Nothing was written or published; retry after
+    `retry_after` seconds (an estimate from how fast work drained while waiting)."""
+
+    def __init__(self, *, active: int, limit: int, requested: int, waited: float, retry_after: float) -> None:
+        super().__init__(
+            f"overloaded: {active} of ORCH_MAX_ACTIVE_BRANCHES={limit} branches are admitted and "
+            f"unfinished, and this submit needs {requested} more (waited {waited:.1f}s); retry in about "
+            f"{retry_after:.1f}s"
+        )
+        self.active = active
+        self.limit = limit
+        self.requested = requested
+        self.waited = waited
+        self.retry_after = retry_after
+
+
+class JobNotFinal(OrchestratorError):
+    """`retry` of a job that is not final (still running, or another retry started it first)."""
+
+
+class NothingToRetry(OrchestratorError):
+    """`retry` found no branch of the job in the states asked for."""
+
+
 class SchemaNotReady(OrchestratorError):
     """The database has no orchestrator tables yet: run `orchestrator db upgrade`."""

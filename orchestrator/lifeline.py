@@ -116,7 +116,7 @@ class Lifeline:
         """What the sweep did for a due job ('' for nothing); None when its queued branches are to be
         checked."""
         jid = str(job.id)
-        publish: Callable[[str, float | None], None]
+        publish: Callable[[str, float | None, int], None]
         if job.state == JobState.AGGREGATING:
             publish, action = self.publisher.publish_fan_in, "its fan-in's worker fell silent: fan-in again"
         elif job.complete:
@@ -127,7 +127,7 @@ class Lifeline:
             publish, action = self.publisher.publish_deadline, "its deadline passed unnoticed: deadline now"
         else:
             return None
-        publish(jid, job.fan_in_timeout)
+        publish(jid, job.fan_in_timeout, job.priority)
         return action
 
 

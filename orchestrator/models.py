@@ -84,6 +84,11 @@ class BranchState(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+#: What a redrive (`Orchestrator.retry`) runs again by default: the branches that ended for a reason worth
+#: another try.
+RETRY_STATES = (BranchState.FAILED.value, BranchState.TIMED_OUT.value, BranchState.SHORT_CIRCUITED.value)
+
+
 class BreakerState(enum.StrEnum):
     CLOSED = "closed"
     OPEN = "open"
@@ -118,6 +123,9 @@ class Job(Base):
     runner: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lost_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # 1 at submit, + 1 for each redrive (`Orchestrator.retry`); earlier runs are in job_history.
+    run: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     branches: Mapped[list[Branch]] = relationship(
         back_populates="job", order_by="Branch.index", cascade="all, delete-orphan"
@@ -158,6 +166,8 @@ class Branch(Base):
     runner: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lost_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The job run the branch last ran in; its outcomes in earlier runs are in branch_history.
+    run: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     job: Mapped[Job] = relationship(back_populates="branches")
 
@@ -170,6 +180,50 @@ class Branch(Base):
             sqlite_where=text("state = 'running'"),
         ),
     )
+
+
+class JobHistory(Base):
+    """How a job's earlier runs ended, kept when it is run again (`Orchestrator.retry`)."""
+
+    __tablename__ = "job_history"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    run: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    result: Mapped[Any | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class BranchHistory(Base):
+    """A branch's outcome in an earlier run of its job, kept when the branch is run again."""
+
+    __tablename__ = "branch_history"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    result: Mapped[Any | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Admission(Base):
+    """Admitted, unfinished work, where every client sees it: one row a bound (`ORCH_MAX_ACTIVE_BRANCHES`),
+    raised in the transaction that records jobs and lowered in the one that ends them."""
+
+    __tablename__ = "admission"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    active: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class ResultRecord(Base):

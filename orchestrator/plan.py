@@ -10,11 +10,14 @@ branch may only be moved by that message) and a branch can be revoked before it 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .store import NewBranch
+
+#: A job's branches by index: all of them in order, or some of them by their index (a redrive).
+Branches = Sequence[NewBranch] | Mapping[int, NewBranch]
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Message:
     indexes: tuple[int, ...]
     batch: bool
 
-    def args(self, job_id: str, branches: Sequence[NewBranch], deadline_at: float | None) -> tuple[Any, ...]:
+    def args(self, job_id: str, branches: Branches, deadline_at: float | None) -> tuple[Any, ...]:
         """The message's arguments: a batch is (job_id, [[index, args, kwargs], ...], deadline_at), a
         single branch (job_id, index, args, kwargs, deadline_at); Flower shows them under `task`."""
         if self.batch:
@@ -42,6 +45,13 @@ class JobPlan:
 
     branches: tuple[NewBranch, ...]
     messages: tuple[Message, ...]
+    #: The branches' indexes in their job, when they are not 0..n-1 (some branches of a redrive).
+    numbers: tuple[int, ...] | None = None
+
+    @property
+    def by_index(self) -> Branches:
+        """The branches as the messages name them."""
+        return self.branches if self.numbers is None else dict(zip(self.numbers, self.branches, strict=True))
 
 
 def plan(branches: Sequence[NewBranch], *, batch_queue: str, chunk_size: int) -> JobPlan:
@@ -62,3 +72,15 @@ def plan(branches: Sequence[NewBranch], *, batch_queue: str, chunk_size: int) ->
     owner = {i: m.task_id for m in messages for i in m.indexes}
     recorded = tuple(NewBranch(b.task, b.queue, b.args, b.kwargs, owner[i]) for i, b in enumerate(branches))
     return JobPlan(recorded, tuple(messages))
+
+
+def replan(branches: Mapping[int, NewBranch], *, batch_queue: str, chunk_size: int) -> JobPlan:
+    """`plan` for some of a job's branches, given by their index in the job (a redrive): new messages
+    with new task ids, which the branches record."""
+    numbers = sorted(branches)
+    fresh = plan([branches[i] for i in numbers], batch_queue=batch_queue, chunk_size=chunk_size)
+    messages = tuple(
+        Message(m.task, m.queue, m.task_id, tuple(numbers[i] for i in m.indexes), m.batch)
+        for m in fresh.messages
+    )
+    return JobPlan(fresh.branches, messages, tuple(numbers))

@@ -25,7 +25,7 @@ from .errors import PublishError
 from .plan import JobPlan
 from .rescue import LostMessage
 from .settings import Settings
-from .store import AlsoWithJobs, NewJob
+from .store import AlsoInTransaction, AlsoWithJobs, NewJob
 from .tasks import DEADLINE, FAN_IN
 
 #: What Flower and the worker's log show of a message's arguments (Celery's own limit).
@@ -49,6 +49,7 @@ class Outgoing:
     body: dict[str, Any]
     limits: dict[str, float]
     deadline_at: datetime | None
+    priority: int = 0  # on the wire: the broker's own scale (see Publisher.wire_priority)
 
 
 class Publisher:
@@ -63,16 +64,39 @@ class Publisher:
         """True when the chord join is our SQL counter, so it is written with the job's rows."""
         return isinstance(self.app.backend, SQLBackend)
 
+    def wire_priority(self, priority: int) -> int:
+        """A job's priority (0 bulk .. ORCH_MAX_PRIORITY most urgent) on the broker's scale. RabbitMQ
+        serves higher numbers first; kombu's Redis transport serves lower numbers first (0..9, in
+        steps 0, 3, 6, 9); the file-system transport has no priorities."""
+        top = self.settings.max_priority
+        if not top or self.settings.embedded:
+            return 0
+        if self.settings.broker_url.startswith(("redis://", "rediss://", "sentinel://")):
+            return round((top - priority) * 9 / top)
+        return priority
+
     def outgoing(
-        self, job_id: str, plan: JobPlan, fan_in_timeout: float, deadline_at: datetime | None
+        self,
+        job_id: str,
+        plan: JobPlan,
+        fan_in_timeout: float,
+        deadline_at: datetime | None,
+        priority: int = 0,
+        group_id: str | None = None,
     ) -> Outgoing:
         limits = {"soft_time_limit": fan_in_timeout, "time_limit": fan_in_timeout + 10}
+        wire = self.wire_priority(priority)
         body = self.app.signature(
-            FAN_IN, args=(job_id,), queue=self.settings.fanin_queue, task_id=str(uuid.uuid4()), **limits
+            FAN_IN,
+            args=(job_id,),
+            queue=self.settings.fanin_queue,
+            task_id=str(uuid.uuid4()),
+            priority=wire,
+            **limits,
         )
-        # The chord's group id is the job's id: the rescuer finds a job's join (and the body its messages
-        # carry) by the job alone.
-        return Outgoing(job_id, plan, job_id, dict(body), limits, deadline_at)
+        # The chord's group id is the job's id (`rescue.chord_group`: and its run's number for a redrive):
+        # the rescuer finds a job's join, and the body its messages carry, by the job alone.
+        return Outgoing(job_id, plan, group_id or job_id, dict(body), limits, deadline_at, wire)
 
     def record(self, jobs: Mapping[uuid.UUID, Outgoing]) -> AlsoWithJobs | None:
         """What to write in the jobs' own insert transaction: the counter rows of the chords of those
@@ -86,6 +110,17 @@ class Publisher:
             backend.add_chords(conn, chords)
 
         return add_chords
+
+    def record_run(self, job: Outgoing) -> AlsoInTransaction[None] | None:
+        """`record` for a job run again (a redrive): its new chord's counter row (SQL joins only)."""
+        backend = self.app.backend
+        if not isinstance(backend, SQLBackend):
+            return None
+
+        def add_chord(conn: Connection) -> None:
+            backend.add_chords(conn, [(job.group_id, len(job.plan.messages), job.body)])
+
+        return add_chord
 
     def send(self, jobs: Sequence[Outgoing]) -> None:
         """Send every job's messages; raises PublishError on the first job that could not be sent whole,
@@ -117,6 +152,7 @@ class Publisher:
                 producer=producer,
                 ignore_result=True,
                 add_to_parent=False,
+                priority=job.priority,
                 **job.limits,
             )
 
@@ -139,14 +175,24 @@ class Publisher:
         # would, to the queue by name. Publish hooks (before/after_task_publish) keep send_task.
         lean = not (signals.before_task_publish.receivers or signals.after_task_publish.receivers)
         for index, m in enumerate(job.plan.messages):
-            args = m.args(job.job_id, job.plan.branches, at)
+            args = m.args(job.job_id, job.plan.by_index, at)
             options: dict[str, Any] = {
                 "group_id": job.group_id,
                 "group_index": index,
                 "chord": job.body,
                 **({} if m.batch else cpu_limit),
             }
-            self._publish(producer, declared, m.task, m.queue, m.task_id, args, options, lean=lean)
+            self._publish(
+                producer,
+                declared,
+                m.task,
+                m.queue,
+                m.task_id,
+                args,
+                options,
+                lean=lean,
+                priority=job.priority,
+            )
 
     def _publish(
         self,
@@ -159,6 +205,7 @@ class Publisher:
         options: dict[str, Any],
         *,
         lean: bool,
+        priority: int = 0,
     ) -> None:
         """One task message, published as send_task_message would, to the queue by name."""
         options = {"argsrepr": _repr(args), "kwargsrepr": "{}", "ignore_result": True, **options}
@@ -170,6 +217,7 @@ class Publisher:
                 producer=producer,
                 add_to_parent=False,
                 task_id=task_id,
+                priority=priority,
                 **options,
             )
             return
@@ -187,6 +235,7 @@ class Publisher:
             delivery_mode=queue.exchange.delivery_mode or conf.task_default_delivery_mode,
             declare=[] if queue_name in declared else [queue],  # once per send: kombu caches it too
             headers=message.headers,
+            priority=priority,
             **message.properties,
         )
         declared.add(queue_name)
@@ -207,33 +256,33 @@ class Publisher:
                     args = (job_id, index, branch_args, branch_kwargs, at)
                 options: dict[str, Any] = {}
                 if m.chord is not None:
-                    options = {"group_id": job_id, "chord": m.chord}
-                self._publish(producer, declared, m.task, m.queue, m.task_id, args, options, lean=True)
+                    options = {"group_id": m.group_id, "chord": m.chord}
+                wire = self.wire_priority(m.priority)
+                self._publish(
+                    producer, declared, m.task, m.queue, m.task_id, args, options, lean=True, priority=wire
+                )
 
-    def publish_fan_in(self, job_id: str, fan_in_timeout: float | None) -> None:
+    def publish_fan_in(self, job_id: str, fan_in_timeout: float | None, priority: int = 0) -> None:
         """The fan-in of a job, on its own (its chord's body was lost, or its aggregation was)."""
-        timeout = fan_in_timeout or self.settings.fan_in_timeout
-        self.app.send_task(
-            FAN_IN,
-            args=([], job_id),
-            queue=self.settings.fanin_queue,
-            ignore_result=True,
-            add_to_parent=False,
-            soft_time_limit=timeout,
-            time_limit=timeout + 10,
-        )
+        self._send_now(FAN_IN, ([], job_id), fan_in_timeout, priority)
 
-    def publish_deadline(self, job_id: str, fan_in_timeout: float | None) -> None:
+    def publish_deadline(self, job_id: str, fan_in_timeout: float | None, priority: int = 0) -> None:
         """A job's deadline watchdog, to run now (its ETA message was lost)."""
+        self._send_now(DEADLINE, (job_id,), fan_in_timeout, priority)
+
+    def _send_now(
+        self, task: str, args: tuple[Any, ...], fan_in_timeout: float | None, priority: int
+    ) -> None:
         timeout = fan_in_timeout or self.settings.fan_in_timeout
         self.app.send_task(
-            DEADLINE,
-            args=(job_id,),
+            task,
+            args=args,
             queue=self.settings.fanin_queue,
             ignore_result=True,
             add_to_parent=False,
             soft_time_limit=timeout,
             time_limit=timeout + 10,
+            priority=self.wire_priority(priority),
         )
 
     def _send_canvas(self, job: Outgoing) -> None:
@@ -244,9 +293,10 @@ class Publisher:
         header = group(
             self.app.signature(
                 m.task,
-                args=m.args(job.job_id, job.plan.branches, at),
+                args=m.args(job.job_id, job.plan.by_index, at),
                 queue=m.queue,
                 task_id=m.task_id,
+                priority=job.priority,
                 **({} if m.batch else cpu_limit),
             )
             for m in job.plan.messages

@@ -71,15 +71,29 @@ _DUE = (
         heartbeat_at=db_now(),
         runner=case((Job.state == JobState.AGGREGATING, None), else_=Job.runner),
     )
-    .returning(Job.id, Job.state, Job.branch_done, Job.branch_total, Job.deadline_at, Job.fan_in_timeout)
+    .returning(
+        Job.id,
+        Job.state,
+        Job.branch_done,
+        Job.branch_total,
+        Job.deadline_at,
+        Job.fan_in_timeout,
+        Job.priority,
+    )
 )
+
+
+def chord_group(job_id: uuid.UUID | str, run: int) -> str:
+    """The group id of a job run's chord: the job's id for its first run, `id.N` for its Nth (a
+    redrive's chord is a new join)."""
+    return str(job_id) if run <= 1 else f"{job_id}.{run}"
 
 
 @dataclass(frozen=True)
 class LostMessage:
     """A branch message to publish again, with the same task id (so the chord counts it once): its job,
-    task, queue, the branches still to run as `[index, args, kwargs]`, the job's deadline and the
-    chord body the message carried (None when the join is not the orchestrator's)."""
+    task, queue, the branches still to run as `[index, args, kwargs]`, the job's deadline and priority,
+    and the chord the message carried (None when the join is not the orchestrator's)."""
 
     job_id: uuid.UUID
     task: str
@@ -88,6 +102,8 @@ class LostMessage:
     branches: list[list[Any]]
     deadline_at: datetime | None
     chord: dict[str, Any] | None
+    group_id: str
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,7 @@ class DueJob:
     complete: bool  # every branch has its outcome: the fan-in should have run
     deadline_at: datetime | None
     fan_in_timeout: float | None
+    priority: int = 0
 
 
 @dataclass
@@ -137,7 +154,9 @@ class Rescue:
         with self.engine.begin() as conn:
             rows = conn.execute(_DUE, {**self._params, "limit": limit}).all()
         return [
-            DueJob(r.id, r.state, r.branch_done >= r.branch_total, r.deadline_at, r.fan_in_timeout)
+            DueJob(
+                r.id, r.state, r.branch_done >= r.branch_total, r.deadline_at, r.fan_in_timeout, r.priority
+            )
             for r in rows
         ]
 
@@ -158,12 +177,19 @@ class Rescue:
     def _messages(conn: Any, rows: Sequence[Any]) -> list[LostMessage]:
         if not rows:
             return []
-        jobs = {r.job_id for r in rows}
-        deadlines = dict(conn.execute(select(Job.id, Job.deadline_at).where(Job.id.in_(jobs))).all())
+        jobs = {
+            j.id: j
+            for j in conn.execute(
+                select(Job.id, Job.deadline_at, Job.priority, Job.run).where(
+                    Job.id.in_({r.job_id for r in rows})
+                )
+            ).all()
+        }
+        groups = {job_id: chord_group(job_id, job.run) for job_id, job in jobs.items()}
         chords = dict(
             conn.execute(
                 select(ChordCounter.group_id, ChordCounter.body).where(
-                    ChordCounter.group_id.in_([str(j) for j in jobs])
+                    ChordCounter.group_id.in_(list(groups.values()))
                 )
             ).all()
         )
@@ -177,8 +203,10 @@ class Rescue:
                 queue=group[0].queue,
                 task_id=task_id,
                 branches=[[r.index, r.args["args"], r.args["kwargs"]] for r in group],
-                deadline_at=deadlines.get(job_id),
-                chord=chords.get(str(job_id)),
+                deadline_at=jobs[job_id].deadline_at,
+                chord=chords.get(groups[job_id]),
+                group_id=groups[job_id],
+                priority=jobs[job_id].priority,
             )
             for (job_id, task_id), group in grouped.items()
             if task_id

@@ -41,6 +41,13 @@ def _float(env: Mapping[str, str], key: str, default: float) -> float:
     return value
 
 
+def _max_priority(env: Mapping[str, str]) -> int:
+    value = _int(env, "ORCH_MAX_PRIORITY", 9, minimum=0)
+    if value > 255:  # RabbitMQ's own limit (and the docs advise 10 or fewer levels)
+        raise ConfigurationError(f"ORCH_MAX_PRIORITY must be <= 255, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -70,6 +77,12 @@ class Settings:
     stall_timeout: float = 30.0
     max_args_bytes: int = 1 << 20  # JSON of one branch's arguments
     max_result_bytes: int = 1 << 20  # JSON of one branch's result
+    # Backpressure: admitted, unfinished branches across all clients (0: no bound), and how long a
+    # submit waits for room before it raises Overloaded.
+    max_active_branches: int = 100_000
+    block_timeout: float = 10.0
+    # Message priorities 0..max_priority (RabbitMQ queues are declared with x-max-priority); 0: off.
+    max_priority: int = 9
     # hosts the bundled jobs.io fetch/probe branches may reach: (host, port or None for any port)
     fetch_allowed_hosts: Hosts = DEFAULT_FETCH_ALLOWED_HOSTS
 
@@ -137,6 +150,9 @@ class Settings:
             stall_timeout=_float(env, "ORCH_STALL_TIMEOUT", 30.0),
             max_args_bytes=_int(env, "ORCH_MAX_ARGS_BYTES", 1 << 20),
             max_result_bytes=_int(env, "ORCH_MAX_RESULT_BYTES", 1 << 20),
+            max_active_branches=_int(env, "ORCH_MAX_ACTIVE_BRANCHES", 100_000, minimum=0),
+            block_timeout=_float(env, "ORCH_BLOCK_TIMEOUT", 10.0),
+            max_priority=_max_priority(env),
             fetch_allowed_hosts=parse_hosts(
                 "ORCH_FETCH_ALLOWED_HOSTS", env.get("ORCH_FETCH_ALLOWED_HOSTS", "")
             ),

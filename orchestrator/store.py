@@ -27,17 +27,29 @@ from sqlalchemy import (
     case,
     delete,
     func,
+    insert,
     or_,
     select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
 
-from . import notifications
+from . import admission, notifications
 from .clock import db_now
 from .database import dialect, get_engine
-from .errors import JobNotFound
-from .models import FINAL_JOB_STATES, Branch, BranchState, Job, JobState, UTCDateTime, cutoff, utcnow
+from .errors import JobNotFinal, JobNotFound, NothingToRetry
+from .models import (
+    FINAL_JOB_STATES,
+    Branch,
+    BranchHistory,
+    BranchState,
+    Job,
+    JobHistory,
+    JobState,
+    UTCDateTime,
+    cutoff,
+    utcnow,
+)
 from .runners import Runner, this_process
 from .views import BranchOutcome, JobView, branch_view, job_view
 
@@ -50,6 +62,7 @@ AlsoWithJobs = Callable[[Connection, Sequence["NewJob"]], None]
 JOBS = cast(Table, Job.__table__)
 BRANCHES = cast(Table, Branch.__table__)
 _ACTIVE = (BranchState.PENDING, BranchState.RUNNING)
+_REDRIVABLE = (JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED)
 _STOPPED = (BranchState.TIMED_OUT, BranchState.CANCELLED)
 _NOW = bindparam("now", type_=UTCDateTime())
 _JOB = bindparam("job", type_=Job.__table__.c.id.type)
@@ -220,6 +233,7 @@ _FINALIZE = (
         error=bindparam("j_error", type_=Text),
         finished_at=_NOW,
     )
+    .returning(Job.branch_total)
 )
 
 
@@ -245,6 +259,18 @@ class NewJob:
     deadline_at: datetime | None = None
     min_success: int | None = None
     fan_in_timeout: float | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class Redrive:
+    """What a redrive sends, planned inside its transaction: each chosen branch's new message task id,
+    the job's new deadline, what else to write (the new run's chord join), and the caller's plan."""
+
+    task_ids: dict[int, str]
+    deadline_at: datetime | None
+    also: AlsoInTransaction[Any] | None
+    outgoing: Any = None
 
 
 @dataclass(frozen=True)
@@ -347,13 +373,20 @@ class Store:
     # --- submit ------------------------------------------------------------------------------------
 
     def create_jobs(
-        self, jobs: Sequence[NewJob], also: AlsoWithJobs | None = None, *, running: bool = False
+        self,
+        jobs: Sequence[NewJob],
+        also: AlsoWithJobs | None = None,
+        *,
+        running: bool = False,
+        limit: int = 0,
     ) -> list[tuple[uuid.UUID, datetime | None]]:
         """Insert jobs and all their branches in one transaction, with `also` (the chord joins) in it too;
         returns (id, created_at) per job, in order, and created_at None where the idempotency key named an
         existing job (whose id is returned instead, and which is not inserted again). `also` is given the
         connection and the jobs inserted. `running`: record them running (started now) rather than
-        pending, for a caller that publishes right after the commit and fails them if it cannot."""
+        pending, for a caller that publishes right after the commit and fails them if it cannot. The
+        branches inserted are admitted in the same transaction: with `limit` (ORCH_MAX_ACTIVE_BRANCHES;
+        0: no bound) passed, `admission.Full` is raised and nothing is written."""
         keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
         for attempt in range(2):
             existing = self._jobs_with_keys(keys)
@@ -366,7 +399,7 @@ class Store:
             now = utcnow()
             try:
                 if fresh:
-                    self._insert(fresh, now, also, running)
+                    self._insert(fresh, now, also, running, limit)
                 break
             except IntegrityError:
                 # Submits with one key raced past the check above: the unique key let one insert win. Read
@@ -405,7 +438,7 @@ class Store:
         return {key: job_id for key, job_id in rows}
 
     def _insert(
-        self, jobs: Sequence[NewJob], now: datetime, also: AlsoWithJobs | None, running: bool
+        self, jobs: Sequence[NewJob], now: datetime, also: AlsoWithJobs | None, running: bool, limit: int
     ) -> None:
         rows = dialect(self.engine)
         with self.engine.begin() as conn:
@@ -423,6 +456,7 @@ class Store:
                         "deadline_at": j.deadline_at,
                         "min_success": j.min_success,
                         "fan_in_timeout": j.fan_in_timeout,
+                        "priority": j.priority,
                         "branch_total": len(j.branches),
                         "branch_done": 0,
                         "created_at": now,
@@ -451,6 +485,9 @@ class Store:
             )
             if also is not None:
                 also(conn, jobs)
+            requested = sum(len(j.branches) for j in jobs)
+            if not admission.admit(conn, requested, limit):  # last: the row is locked until the commit
+                raise admission.Full(admission.active(conn), requested)
 
     def mark_failed_to_publish(self, job_ids: Sequence[uuid.UUID], error: str) -> None:
         """pending | running -> failed, with every branch cancelled, for jobs whose messages could not be
@@ -462,10 +499,17 @@ class Store:
                     update(Job)
                     .where(Job.id == job_id, Job.state.in_((JobState.PENDING, JobState.RUNNING)))
                     .values(state=JobState.FAILED, error=error, finished_at=now)
-                ).rowcount
-                if failed:
+                    .returning(Job.branch_total)
+                ).scalar_one_or_none()
+                if failed is not None:
+                    admission.release(conn, failed)
                     self._stop_unfinished(conn, job_id, BranchState.CANCELLED, error, now)
                     notifications.announce(conn, job_id, JobState.FAILED)
+
+    def admitted(self) -> int:
+        """Branches admitted and unfinished, across every client (see `admission`)."""
+        with self.engine.connect() as conn:
+            return admission.active(conn)
 
     # --- branches ----------------------------------------------------------------------------------
 
@@ -636,6 +680,142 @@ class Store:
                     return won, None
             return won, also(conn) if also is not None else None
 
+    # --- redrive -----------------------------------------------------------------------------------
+
+    def redrive(
+        self,
+        job_id: uuid.UUID,
+        states: Sequence[str],
+        prepare: Callable[[Any, dict[int, NewBranch]], Redrive],
+        *,
+        limit: int = 0,
+    ) -> Redrive:
+        """Run a final job's branches in `states` again, in one transaction: the job's run and those
+        branches' outcomes are kept in the history tables, the branches are queued again under the
+        messages `prepare` plans for them (given the job's row and the branches by index), and the job is
+        running its next run. Of concurrent redrives of one job one wins; the others raise JobNotFinal.
+        The job's branches are admitted again (`limit`: ORCH_MAX_ACTIVE_BRANCHES)."""
+        now = utcnow()
+        try:
+            with self.engine.begin() as conn:
+                job = conn.execute(select(JOBS).where(Job.id == job_id).with_for_update()).one_or_none()
+                if job is None:
+                    raise JobNotFound(f"no job {job_id}")
+                if job.state not in _REDRIVABLE:
+                    raise JobNotFinal(
+                        f"job {job_id} is {job.state}: only a succeeded, partial or failed job is retried"
+                    )
+                rows = conn.execute(
+                    select(Branch.index, Branch.task, Branch.queue, Branch.args)
+                    .where(Branch.job_id == job_id, Branch.state.in_(list(states)))
+                    .order_by(Branch.index)
+                ).all()
+                if not rows:
+                    raise NothingToRetry(f"no branch of job {job_id} is {' or '.join(states)}")
+                chosen = {
+                    index: NewBranch(task, queue, args["args"], args["kwargs"])
+                    for index, task, queue, args in rows
+                }
+                redrive = prepare(job, chosen)
+                conn.execute(
+                    insert(JobHistory).from_select(
+                        ["job_id", "run", "state", "started_at", "finished_at", "result", "error"],
+                        select(
+                            Job.id, Job.run, Job.state, Job.started_at, Job.finished_at, Job.result, Job.error
+                        ).where(Job.id == job_id),
+                    )
+                )
+                conn.execute(
+                    insert(BranchHistory).from_select(
+                        [
+                            "job_id",
+                            "index",
+                            "run",
+                            "state",
+                            "attempts",
+                            "started_at",
+                            "finished_at",
+                            "result",
+                            "error",
+                        ],
+                        select(
+                            Branch.job_id,
+                            Branch.index,
+                            Branch.run,
+                            Branch.state,
+                            Branch.attempts,
+                            Branch.started_at,
+                            Branch.finished_at,
+                            Branch.result,
+                            Branch.error,
+                        ).where(Branch.job_id == job_id, Branch.index.in_(list(chosen))),
+                    )
+                )
+                won = conn.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == job.state, Job.run == job.run)
+                    .values(
+                        state=JobState.RUNNING,
+                        run=Job.run + 1,
+                        started_at=now,
+                        finished_at=None,
+                        result=None,
+                        error=None,
+                        runner=None,
+                        heartbeat_at=None,
+                        lost_runs=0,
+                        deadline_at=redrive.deadline_at,
+                        branch_done=Job.branch_done - len(chosen),
+                    )
+                ).rowcount
+                if not won:
+                    raise JobNotFinal(f"job {job_id} was retried by another caller first")
+                conn.execute(
+                    update(Branch)
+                    .where(Branch.job_id == _JOB, Branch.index == _IDX)
+                    .values(
+                        state=BranchState.PENDING,
+                        run=job.run + 1,
+                        attempts=0,
+                        celery_task_id=_TASK_ID,
+                        started_at=None,
+                        finished_at=None,
+                        result=None,
+                        error=None,
+                        late=False,
+                        runner=None,
+                        heartbeat_at=None,
+                        lost_runs=0,
+                    ),
+                    [
+                        {"job": job_id, "idx": m_index, "b_tid": task_id}
+                        for m_index, task_id in sorted(redrive.task_ids.items())
+                    ],
+                )
+                if redrive.also is not None:
+                    redrive.also(conn)
+                if not admission.admit(conn, job.branch_total, limit):
+                    raise admission.Full(admission.active(conn), job.branch_total)
+        except IntegrityError:
+            # A concurrent redrive kept the same run's history first (PostgreSQL serializes the two on
+            # the history's primary key before the job's conditional UPDATE would).
+            raise JobNotFinal(f"job {job_id} was retried by another caller first") from None
+        return redrive
+
+    def history(self, job_id: str | uuid.UUID) -> tuple[list[Any], list[Any]]:
+        """The job's earlier runs and its branches' earlier outcomes (rows), oldest first."""
+        jid = parse_job_id(job_id)
+        with self.engine.connect() as conn:
+            runs = conn.execute(
+                select(JobHistory.__table__).where(JobHistory.job_id == jid).order_by(JobHistory.run)
+            ).all()
+            branches = conn.execute(
+                select(BranchHistory.__table__)
+                .where(BranchHistory.job_id == jid)
+                .order_by(BranchHistory.index, BranchHistory.run)
+            ).all()
+        return list(runs), list(branches)
+
     # --- fan-in ------------------------------------------------------------------------------------
 
     def claim_fan_in(self, job_id: uuid.UUID, runner: str | None = None) -> FanInClaim | None:
@@ -703,15 +883,17 @@ class Store:
         """pending | running -> cancelled, with every unfinished branch; None if the job was already final."""
         now = utcnow()
         with self.engine.begin() as conn:
-            won = conn.execute(
+            total = conn.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state.in_((JobState.PENDING, JobState.RUNNING)))
                 .values(
                     state=JobState.CANCELLED, finished_at=now, error="cancelled", branch_done=Job.branch_total
                 )
-            ).rowcount
-            if not won:
+                .returning(Job.branch_total)
+            ).scalar_one_or_none()
+            if total is None:
                 return None
+            admission.release(conn, total)
             notifications.announce(conn, job_id, JobState.CANCELLED)
             return self._stop_unfinished(conn, job_id, BranchState.CANCELLED, "the job was cancelled", now)
 
@@ -733,10 +915,12 @@ class Store:
             "b_runner": runner or this_process(),
         }
         with self.engine.begin() as conn:
-            won = bool(conn.execute(_FINALIZE, params).rowcount)
-            if won:
-                notifications.announce(conn, job_id, state)
-            return won
+            total = conn.execute(_FINALIZE, params).scalar_one_or_none()
+            if total is None:
+                return False
+            admission.release(conn, total)  # the job gives its branches back
+            notifications.announce(conn, job_id, state)
+            return True
 
     # --- waiting for a final state -------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class BranchView:
     error: str | None = None
     late: bool = False
     lost_runs: int = 0  # runs lost with their worker (killed, or silent past ORCH_STALL_TIMEOUT)
+    run: int = 1  # the job run the branch last ran in (a redrive starts the next)
 
     @property
     def duration(self) -> float | None:
@@ -72,6 +73,8 @@ class JobView:
     result: Any = None
     error: str | None = None
     branches: tuple[BranchView, ...] = ()
+    run: int = 1  # 1, and one more for each redrive (`Orchestrator.retry`)
+    priority: int = 0
 
     @property
     def final(self) -> bool:
@@ -122,6 +125,50 @@ def from_row(view: type[V], row: Any, **given: Any) -> V:
     """A view whose fields are read from `row`'s attributes of the same names (a SQL row, or any object
     shaped like one), but for those `given`."""
     return view(**{name: getattr(row, name) for name in _field_names(view) if name not in given}, **given)
+
+
+@dataclass(frozen=True)
+class RunView:
+    """How an earlier run of a job ended: a redrive keeps it before the job runs again."""
+
+    run: int
+    state: str
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BranchRunView:
+    """A branch's outcome in an earlier run of its job, before a redrive ran it again."""
+
+    index: int
+    run: int
+    state: str
+    attempts: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class HistoryView:
+    """A job's earlier runs and its branches' earlier outcomes, oldest first (the job's view is the
+    latest run)."""
+
+    job_id: str
+    runs: tuple[RunView, ...] = ()
+    branches: tuple[BranchRunView, ...] = ()
+
+
+def history_view(job_id: str, runs: Sequence[Any], branches: Sequence[Any]) -> HistoryView:
+    return HistoryView(
+        job_id,
+        tuple(from_row(RunView, r) for r in runs),
+        tuple(from_row(BranchRunView, b) for b in branches),
+    )
 
 
 def branch_view(row: Any) -> BranchView:

@@ -106,3 +106,11 @@ def echo(value: Any) -> Any:
 def die(exit_code: int = 3) -> None:
     """Ends its own process mid-branch, as a crashing extension or the kernel's OOM killer would."""
     os._exit(exit_code)
+
+
+@io_task
+def gated(gate: str) -> str:
+    """Fails until the file `gate` exists: a backend that is down until an operator fixes it."""
+    if not Path(gate).exists():
+        raise ConnectionError(f"the backend behind {Path(gate).name} is down")
+    return "through"

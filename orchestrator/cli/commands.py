@@ -21,11 +21,21 @@ from rich.table import Table
 from sqlalchemy.exc import DBAPIError
 
 from ..errors import OrchestratorError
-from ..models import BreakerState, JobState
+from ..models import RETRY_STATES, BreakerState, JobState
 from ..settings import Settings
 from ..views import BreakerView, JobView
 from .credentials import basic_auth_pairs
-from .display import clean, console, make_console, print_job, print_table, safe, styled, watch_job
+from .display import (
+    clean,
+    console,
+    make_console,
+    print_history,
+    print_job,
+    print_table,
+    safe,
+    styled,
+    watch_job,
+)
 
 if TYPE_CHECKING:
     from ..api import Orchestrator
@@ -318,6 +328,11 @@ def _branches_from_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
     metavar="KEY",
     help="Submit at most once per KEY: a repeat prints the id of the job the key already names.",
 )
+@click.option(
+    "--priority",
+    type=click.IntRange(min=0),
+    help="0 (bulk, the default) to ORCH_MAX_PRIORITY (9, most urgent).",
+)
 @click.option("--wait/--no-wait", default=False, help="Watch the job until it is final (see exit codes).")
 def submit(
     spec: Path | None,
@@ -328,12 +343,14 @@ def submit(
     min_success: int | None,
     fan_in_timeout: float | None,
     idempotency_key: str | None,
+    priority: int | None,
     wait: bool,
 ) -> None:
     """Submit a job from a JSON spec file or from -b options; prints its id.
 
     A spec file is {"branches": [{"task": ..., "args": [...], "kwargs": {...}}], "fan_in": ...,
-    "name": ..., "deadline": ..., "min_success": ..., "fan_in_timeout": ..., "idempotency_key": ...};
+    "name": ..., "deadline": ..., "min_success": ..., "fan_in_timeout": ..., "idempotency_key": ...,
+    "priority": ...};
     options given on the command line win over the file's. Catalog modules (ORCH_IMPORTS) are imported
     from the current directory too, as the workers import them.
     """
@@ -356,6 +373,7 @@ def submit(
             idempotency_key=idempotency_key
             if idempotency_key is not None
             else options.get("idempotency_key"),
+            priority=priority if priority is not None else options.get("priority", 0),
         )
     click.echo(view.id)
     if wait:
@@ -374,13 +392,21 @@ def _job_dict(view: JobView, *, branches: bool = True) -> dict[str, Any]:
 @main.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(job_id: str, as_json: bool) -> None:
+@click.option("--history", is_flag=True, help="Also the job's earlier runs (see retry).")
+def status(job_id: str, as_json: bool, history: bool) -> None:
     """Show a job and its branches."""
-    view = _orchestrator().get(job_id)
+    orc = _orchestrator()
+    view = orc.get(job_id)
+    past = orc.history(job_id) if history else None
     if as_json:
-        _echo_json(_job_dict(view))
-    else:
-        print_job(view)
+        out = _job_dict(view)
+        if past is not None:
+            out["history"] = dataclasses.asdict(past)
+        _echo_json(out)
+        return
+    print_job(view)
+    if past is not None:
+        print_history(past)
 
 
 @main.command("list")
@@ -425,6 +451,31 @@ def watch(job_id: str, timeout: float | None) -> None:
     final = watch_job(orc, job_id, timeout)
     print_job(final)
     sys.exit(_exit_code(final.state))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(sorted({*RETRY_STATES, "succeeded", "cancelled"})),
+    help="Run again the branches in this state (repeatable; default: failed, timed_out, short_circuited).",
+)
+@click.option("--deadline", type=float, help="Seconds for the new run (default: no deadline).")
+@click.option("--wait/--no-wait", default=False, help="Watch the job until it is final (see exit codes).")
+def retry(job_id: str, states: tuple[str, ...], deadline: float | None, wait: bool) -> None:
+    """Run a final job's failed branches again (the redrive): the others keep their outcomes, the fan-in
+    runs again over all of them, and the earlier run is kept (status --history)."""
+    orc = _orchestrator()
+    before = orc.get(job_id)
+    view = orc.retry(job_id, states or RETRY_STATES, deadline=deadline)
+    again = sum(1 for b in view.branches if b.run == view.run)
+    click.echo(f"job {view.id} run {view.run}: {again} of {before.branch_total} branches queued again")
+    if wait:
+        final = watch_job(orc, view.id)
+        print_job(final)
+        sys.exit(_exit_code(final.state))
 
 
 @main.command()

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import WaitTimeout
-from ..views import JobView
+from ..views import HistoryView, JobView
 
 # Piped output is read by programs (grep, awk): a table cut to Rich's default 80 columns loses ids and
 # states, so anything that is not a terminal gets lines as long as their content.
@@ -87,7 +87,8 @@ def print_job(view: JobView) -> None:
     duration = f"{view.duration:.3f}s" if view.duration is not None else "-"
     console.print(
         f"job [bold]{view.id}[/bold] {safe(view.name or '')}  {styled(view.state)}  "
-        f"{view.branch_done}/{view.branch_total} branches  {duration}",
+        f"{view.branch_done}/{view.branch_total} branches  {duration}"
+        + (f"  run {view.run} (earlier runs: orchestrator status --history)" if view.run > 1 else ""),
         highlight=False,
         soft_wrap=True,
     )
@@ -149,3 +150,19 @@ def watch_job(orc: Any, job_id: str, timeout: float | None = None) -> JobView:
             if timeout is not None and time.monotonic() - started > timeout:
                 raise WaitTimeout(job_id, timeout, view.state)
             time.sleep(0.1)
+
+
+def print_history(history: HistoryView) -> None:
+    """A job's earlier runs, and the outcomes its branches had in them before they ran again."""
+    if not history.runs:
+        console.print("no earlier runs", highlight=False)
+        return
+    table = Table(title="earlier runs")
+    for header in ("run", "state", "finished", "branch", "branch state", "tries", "error"):
+        table.add_column(header, no_wrap=True)
+    for run in history.runs:
+        finished = run.finished_at.strftime("%m-%d %H:%M:%S") if run.finished_at else "-"
+        table.add_row(str(run.run), styled(run.state), finished, "", "", "", safe(run.error or ""))
+        for b in (b for b in history.branches if b.run == run.run):
+            table.add_row("", "", "", str(b.index), styled(b.state), str(b.attempts), safe(b.error or ""))
+    print_table(table)
