@@ -95,11 +95,12 @@ class Lifeline:
         if silent:
             logger.warning("rescue: publishing %s again (their worker fell silent)", _describe(silent))
             self.publisher.republish(silent)
-        due = rescue.due_jobs()
+        settings = self.runtime.settings
+        depths = QueueDepths(self.app)
+        due = rescue.due_jobs(waiting=depths.idle(settings.io_queue) or depths.idle(settings.cpu_queue))
         if not due:
             return
-        depths = QueueDepths(self.app)
-        fanin = self.runtime.settings.fanin_queue
+        fanin = settings.fanin_queue
         waiting: list[uuid.UUID] = []
         for job in due:
             action = self._act(job, depths, fanin)
@@ -152,6 +153,9 @@ def lifeline_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
             self.tref: Any = None
 
         def start(self, worker: Any) -> None:
+            if getattr(worker, "autoscale", None) and worker.max_concurrency:
+                # The io batch engine's running slots follow the pool: an autoscaled pool may grow to this.
+                runtime.pool_size = int(worker.max_concurrency)
             lifeline = Lifeline(worker.app, runtime)
             interval = tick_seconds(runtime.settings.stall_timeout)
             self.tref = worker.timer.call_repeatedly(interval, lifeline.tick, priority=10)

@@ -19,7 +19,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, Float, Integer, String, and_, bindparam, case, literal, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    Engine,
+    Float,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    case,
+    literal,
+    or_,
+    select,
+    update,
+)
 
 from .clock import db_now
 from .models import Branch, BranchState, ChordCounter, Job, JobState
@@ -60,6 +73,15 @@ _JOB_DUE = and_(
     _UNFINISHED,
     or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < _STALE),
     Job.started_at < _STALE,
+    # Only jobs with something to do: their fan-in or their deadline is due, or (when the caller saw an
+    # idle queue) their queued branches may have lost their messages. A backlog of queued jobs is not
+    # looked at while the queues are busy draining it.
+    or_(
+        Job.state == JobState.AGGREGATING,
+        Job.branch_done >= Job.branch_total,
+        Job.deadline_at < _STALE,
+        bindparam("waiting", type_=Boolean),
+    ),
 )
 _DUE = (
     update(Job)
@@ -147,12 +169,13 @@ class Rescue:
             rows = conn.execute(_TAKE_SILENT, self._params).all()
             return self._messages(conn, rows)
 
-    def due_jobs(self, limit: int = 200) -> list[DueJob]:
+    def due_jobs(self, *, waiting: bool = True, limit: int = 200) -> list[DueJob]:
         """Unfinished jobs started more than a stall timeout ago and not looked at for as long, at most
         `limit`, each taken for this sweep by renewing its heartbeat (a job aggregating loses its silent
-        runner: its fan-in is to be published again)."""
+        runner: its fan-in is to be published again). Jobs only waiting for their queued branches are
+        included when `waiting` (the caller saw a queue idle)."""
         with self.engine.begin() as conn:
-            rows = conn.execute(_DUE, {**self._params, "limit": limit}).all()
+            rows = conn.execute(_DUE, {**self._params, "limit": limit, "waiting": waiting}).all()
         return [
             DueJob(
                 r.id, r.state, r.branch_done >= r.branch_total, r.deadline_at, r.fan_in_timeout, r.priority
