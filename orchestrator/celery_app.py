@@ -7,9 +7,21 @@ Start workers with ``celery -A orchestrator.celery_app worker -Q io -P threads -
 
 from __future__ import annotations
 
+import logging
+import warnings
+
+from celery.exceptions import CPendingDeprecationWarning
+
 from . import breaker, registry
-from .app import app_for
+from .app import QuietReconnect, app_for
 from .settings import Settings
+
+logging.getLogger("celery.worker.request").addFilter(QuietReconnect())
+# Celery warns at every connection loss that it will default to cancelling running tasks in 6.0; the
+# orchestrator sets worker_cancel_long_running_tasks_on_connection_loss=False on purpose (see app).
+warnings.filterwarnings(
+    "ignore", category=CPendingDeprecationWarning, message=r"\s*In Celery 5\.1 we introduced an optional"
+)
 
 settings = Settings.from_env()
 breaker.configure(settings)  # the breakers of this worker share its database
