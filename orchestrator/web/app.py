@@ -28,8 +28,17 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from ..errors import BreakerNotFound, InvalidArgument, JobAlreadyFinal, JobNotFound, OrchestratorError
-from ..models import BranchState, JobState, utcnow
+from ..errors import (
+    BreakerNotFound,
+    InvalidArgument,
+    JobAlreadyFinal,
+    JobNotFinal,
+    JobNotFound,
+    NothingToRetry,
+    OrchestratorError,
+    Overloaded,
+)
+from ..models import RETRY_STATES, BranchState, JobState, utcnow
 from ..store import parse_job_id
 from . import timeline
 from .live import Listeners, job_events, listen_conninfo
@@ -213,6 +222,8 @@ class WebView:
             "first_link": link(),
             "fragment_url": link(**{k: v for k, v in q.items() if k in ("after", "before")}, fragment="1"),
             "events_url": None if job.final else f"{base}/events",
+            # The redrive: a final job (not cancelled) with branches worth another run.
+            "retryable": job.state in _REDRIVABLE and any(data.counts.get(s) for s in RETRY_STATES),
         }
         template = "_job_live.html" if q.get("fragment") else "job.html"
         return self.render(request, template, context)
@@ -264,6 +275,13 @@ class WebView:
         await run_in_threadpool(self.orc.cancel, job_id)
         return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
+    async def retry(self, request: Request) -> Response:
+        """Orchestrator.retry (failed, timed-out and short-circuited branches), then back to the job."""
+        job_id = str(parse_job_id(request.path_params["job_id"]))
+        await self._form(request)
+        await run_in_threadpool(self.orc.retry, job_id)
+        return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
     async def reset_breaker(self, request: Request) -> Response:
         form = await self._form(request)
         name = form.get("name", "")
@@ -281,6 +299,10 @@ class WebView:
             return self.error_page(request, 404, "Not found", str(exc))
         if isinstance(exc, JobAlreadyFinal):
             return self.error_page(request, 409, "Nothing to cancel", str(exc))
+        if isinstance(exc, (JobNotFinal, NothingToRetry)):
+            return self.error_page(request, 409, "Nothing to retry", str(exc))
+        if isinstance(exc, Overloaded):
+            return self.error_page(request, 503, "Overloaded", str(exc))
         if isinstance(exc, InvalidArgument):
             return self.error_page(request, 400, "Bad request", str(exc))
         if isinstance(exc, HTTPException):
@@ -291,6 +313,9 @@ class WebView:
         return self.error_page(
             request, 500, "Error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         )
+
+
+_REDRIVABLE = (JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED)
 
 
 def _index_param(raw: str | None) -> int | None:
@@ -320,6 +345,7 @@ def create_app(orc: Orchestrator, config: WebConfig) -> Starlette:
         Route("/jobs/{job_id}", view.job),
         Route("/jobs/{job_id}/events", view.events),
         Route("/jobs/{job_id}/cancel", view.cancel, methods=["POST"]),
+        Route("/jobs/{job_id}/retry", view.retry, methods=["POST"]),
         Route("/breakers", view.breakers),
         Route("/breakers/reset", view.reset_breaker, methods=["POST"]),
         Mount("/static", StaticFiles(packages=[("orchestrator.web", "static")]), name="static"),

@@ -125,6 +125,8 @@ class JobDetail:
     min_success: int | None
     error: str | None
     result: Clipped | None  # the fan-in's result as JSON text; None when there is none (yet)
+    run: int = 1  # one more for each redrive
+    priority: int = 0
 
     @property
     def final(self) -> bool:
@@ -393,6 +395,8 @@ class WebReads:
                 Job.deadline_at,
                 Job.min_success,
                 Job.error,
+                Job.run,
+                Job.priority,
                 result.label("result_text"),
                 result_length.label("result_length"),
             ).where(Job.id == jid)
@@ -413,6 +417,8 @@ class WebReads:
             min_success=row.min_success,
             error=row.error,
             result=_clipped(row.result_text, row.result_length),
+            run=row.run,
+            priority=row.priority,
         )
 
     @staticmethod

@@ -263,6 +263,31 @@ def test_a_breaker_reset_with_the_token_from_this_origin_works(site: Site) -> No
     assert {b.name: b.state for b in site.orc.breakers()}["web-unit"] == "closed"
 
 
+def test_retry_from_the_job_page_runs_the_failed_branches_again(site: Site) -> None:
+    job = insert_job(site.database_url, branches=14, state="partial")  # branch 13 failed
+    with site.client(auth=AUTH) as c:
+        page = c.get(f"/jobs/{job}").text
+        assert f'action="/jobs/{job}/retry"' in page
+        token = _token(c, f"/jobs/{job}")
+        refused = c.post(f"/jobs/{job}/retry", data={"csrf": "forged"}, headers={"Origin": site.url})
+        assert refused.status_code == 403
+        done = c.post(f"/jobs/{job}/retry", data={"csrf": token}, headers={"Origin": site.url})
+        assert done.status_code == 303 and done.headers["location"] == f"/jobs/{job}"
+        view = site.orc.get(str(job))
+        assert (view.state, view.run, view.branches[13].state, view.branches[12].state) == (
+            "running",
+            2,
+            "pending",
+            "succeeded",
+        )
+        again = c.post(f"/jobs/{job}/retry", data={"csrf": token}, headers={"Origin": site.url})
+        assert again.status_code == 409 and "only a succeeded, partial or failed job is retried" in again.text
+        assert f'action="/jobs/{job}/retry"' not in c.get(f"/jobs/{job}").text
+    clean = insert_job(site.database_url, branches=3, state="succeeded")  # nothing failed: no button
+    with site.client(auth=AUTH) as c:
+        assert f'action="/jobs/{clean}/retry"' not in c.get(f"/jobs/{clean}").text
+
+
 def test_cancelling_a_job_that_already_ended_is_a_409_page(site: Site) -> None:
     job = insert_job(site.database_url, branches=2, state="succeeded")
     with site.client(auth=AUTH) as c:
