@@ -26,10 +26,11 @@ from .errors import (
 from .models import FINAL_JOB_STATES, RETRY_STATES, BranchState, JobState, utcnow
 from .plan import plan, replan
 from .publisher import Outgoing, Publisher
+from .redrive import Redrive, history, redrive
 from .registry import TaskKind, TaskSpec
 from .rescue import chord_group
 from .settings import Settings
-from .store import NewBranch, NewJob, Redrive, Store, parse_job_id
+from .store import NewBranch, NewJob, Store, parse_job_id
 from .tasks import revoke
 from .views import BranchView, BreakerView, HistoryView, JobView, history_view
 
@@ -430,18 +431,18 @@ class Orchestrator:
 
         limit = self.settings.max_active_branches
         try:
-            redrive = self.store.redrive(uid, chosen_states, prepare, limit=limit)
+            redriven = redrive(self.store, uid, chosen_states, prepare, limit=limit)
         except admission.Full as full:
             raise Overloaded(
                 active=full.active, limit=limit, requested=full.requested, waited=0.0, retry_after=1.0
             ) from None
-        self._publish([redrive.outgoing])
+        self._publish([redriven.outgoing])
         return self.store.get(uid)
 
     def history(self, job_id: str) -> HistoryView:
         """A job's earlier runs and its branches' earlier outcomes, oldest first (see `retry`)."""
         self.store.state(job_id)  # JobNotFound for an unknown job
-        runs, branches = self.store.history(job_id)
+        runs, branches = history(self.store, job_id)
         return history_view(str(parse_job_id(job_id)), runs, branches)
 
     def cancel(self, job_id: str) -> JobView:
