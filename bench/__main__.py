@@ -16,7 +16,7 @@ from types import FrameType
 
 from orchestrator.testing import ServiceError
 
-from . import plot, report
+from . import flow, plot, report, scaling  # noqa: F401 (scaling registers P9-P11, flow P12-P13)
 from .modes import MODES
 from .runner import SYSTEM_KEYS, run
 from .scenarios import SCENARIOS
@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.set_defaults(mode="full")
     args = parser.parse_args(argv)
     known = [s.id for s in SCENARIOS]
-    args.scenario_ids = known if not args.only else [s.strip().upper() for s in args.only.split(",")]
+    default = [s.id for s in SCENARIOS if args.mode in s.modes]
+    args.scenario_ids = default if not args.only else [s.strip().upper() for s in args.only.split(",")]
     if unknown := [s for s in args.scenario_ids if s not in known]:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(known)}")
     args.system_keys = None if not args.systems else [s.strip() for s in args.systems.split(",")]

@@ -31,6 +31,10 @@ class Mode:
     p6_rejections: int = 2000  # open-breaker refusals timed (cached); a tenth of that uncached
     p6_calls: int = 100  # breaker-guarded vs unguarded branches, per side
     skip_systems: tuple[str, ...] = ()  # systems left out of this mode altogether
+    p9_jobs_per_host: int = 40  # io jobs submitted per worker host and run (P9)
+    p9_runs: int = 2
+    p10_jobs: int = 300  # jobs timed per variant (P10)
+    p11_branches: int = 1_000_000  # branches recorded before pruning (P11)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +60,10 @@ MODES: dict[str, Mode] = {
         p5_jobs=4,
         p6_rejections=200,
         p6_calls=8,
+        p9_jobs_per_host=4,
+        p9_runs=1,
+        p10_jobs=20,
+        p11_branches=8_000,
     ),
     # Under a minute on two cores: the real sizes, few repetitions.
     "quick": Mode(
@@ -75,6 +83,10 @@ MODES: dict[str, Mode] = {
         p5_jobs=50,
         p6_rejections=2000,
         p6_calls=40,
+        p9_jobs_per_host=24,
+        p9_runs=1,
+        p10_jobs=150,
+        p11_branches=100_000,
         # Optional in the issue, and ~15 s of P3 on two cores: only the full mode runs it.
         skip_systems=("celery-redis-gevent",),
     ),

@@ -153,7 +153,7 @@ def run(
         result.systems = {k: s.describe() for k, s in systems.items()}
         for sc in scenarios:
             out = ScenarioResult(sc.id, sc.title)
-            ctx = Context(mode, {k: systems[k] for k in sc.systems if k in systems}, say)
+            ctx = Context(mode, {k: systems[k] for k in sc.systems if k in systems}, say, log_dir)
             started = time.perf_counter()
             try:
                 sc.run(ctx, out)

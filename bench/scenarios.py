@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from jobs.cpu import count_primes
@@ -120,9 +121,14 @@ class Context:
     mode: Mode
     systems: Mapping[str, System]
     say: Callable[[str], None]
+    log_dir: Path | None = None  # where a scenario that starts its own workers writes their logs
 
     def present(self) -> list[System]:
         return list(self.systems.values())
+
+
+#: Every mode: a scenario runs in each unless it says otherwise.
+ALL_MODES = ("smoke", "quick", "full")
 
 
 @dataclass(frozen=True)
@@ -131,18 +137,21 @@ class Scenario:
     title: str
     systems: tuple[str, ...]
     run: Callable[[Context, ScenarioResult], None]
+    # The modes that run it when no --only names it (--only runs it in any mode).
+    modes: tuple[str, ...] = ALL_MODES
 
 
 SCENARIOS: list[Scenario] = []
 
 
 def scenario(
-    id: str, title: str, *systems: str
+    id: str, title: str, *systems: str, modes: tuple[str, ...] = ALL_MODES
 ) -> Callable[[Callable[[Context, ScenarioResult], None]], Any]:
-    """Register a scenario; the runner starts only the systems that the selected scenarios name."""
+    """Register a scenario; the runner starts only the systems that the selected scenarios name. A
+    scenario naming no system runs a deployment of its own (P9-P11)."""
 
     def register(fn: Callable[[Context, ScenarioResult], None]) -> Callable[[Context, ScenarioResult], None]:
-        SCENARIOS.append(Scenario(id, title, systems, fn))
+        SCENARIOS.append(Scenario(id, title, systems, fn, modes))
         return fn
 
     return register

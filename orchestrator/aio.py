@@ -21,13 +21,13 @@ from typing import Any, TypeVar
 import psycopg
 from sqlalchemy.engine import make_url
 
-from . import notifications
+from . import database, notifications
 from .api import BranchSpec, JobSpec, Orchestrator
 from .errors import WaitTimeout
-from .models import FINAL_JOB_STATES
+from .models import FINAL_JOB_STATES, RETRY_STATES
 from .settings import Settings
 from .store import parse_job_id
-from .views import BreakerView, JobView
+from .views import BreakerView, HistoryView, JobView
 
 T = TypeVar("T")
 
@@ -52,6 +52,8 @@ class AsyncOrchestrator:
             self._opening = self._opening or asyncio.Lock()
             async with self._opening:
                 if self._sync is None:
+                    if self._settings is not None:  # its pool, pooler and LISTEN URL, not the environment's
+                        database.configure(self._settings)
                     self._sync = await self._run(Orchestrator, self._settings, migrate=self._migrate)
         return self._sync
 
@@ -78,8 +80,11 @@ class AsyncOrchestrator:
         min_success: int | None = None,
         fan_in_timeout: float | None = None,
         idempotency_key: str | None = None,
+        priority: int = 0,
+        block: bool = True,
+        block_timeout: float | None = None,
     ) -> JobView:
-        """See `Orchestrator.submit`."""
+        """See `Orchestrator.submit` (a blocked submit waits on this client's threads, not the loop)."""
         view: JobView = await self._call(
             "submit",
             branches,
@@ -89,13 +94,32 @@ class AsyncOrchestrator:
             min_success=min_success,
             fan_in_timeout=fan_in_timeout,
             idempotency_key=idempotency_key,
+            priority=priority,
+            block=block,
+            block_timeout=block_timeout,
         )
         return view
 
-    async def submit_many(self, specs: Sequence[JobSpec]) -> list[JobView]:
+    async def submit_many(
+        self, specs: Sequence[JobSpec], *, block: bool = True, block_timeout: float | None = None
+    ) -> list[JobView]:
         """See `Orchestrator.submit_many`."""
-        views: list[JobView] = await self._call("submit_many", specs)
+        views: list[JobView] = await self._call(
+            "submit_many", specs, block=block, block_timeout=block_timeout
+        )
         return views
+
+    async def retry(
+        self, job_id: str, states: Sequence[str] = RETRY_STATES, *, deadline: float | None = None
+    ) -> JobView:
+        """See `Orchestrator.retry`."""
+        view: JobView = await self._call("retry", job_id, states, deadline=deadline)
+        return view
+
+    async def history(self, job_id: str) -> HistoryView:
+        """See `Orchestrator.history`."""
+        view: HistoryView = await self._call("history", job_id)
+        return view
 
     async def get(self, job_id: str) -> JobView:
         view: JobView = await self._call("get", job_id)
@@ -119,15 +143,17 @@ class AsyncOrchestrator:
 
     async def wait(self, job_id: str, timeout: float = 60.0, poll: float = 0.05) -> JobView:
         """Until the job is final (raises WaitTimeout). On PostgreSQL it sleeps on the job's NOTIFY
-        channel, re-reading the row at least every second all the same; elsewhere it polls every
-        `poll` seconds."""
+        channel (LISTENing on ORCH_LISTEN_DATABASE_URL when set), re-reading the row at least every second
+        all the same; elsewhere, and behind a transaction pooler without that URL, it polls every `poll`
+        seconds."""
         uid = parse_job_id(job_id)
         orc = await self._orchestrator()
         deadline = time.monotonic() + timeout
         announced: asyncio.Event | None = None
-        if orc.store.notifies:
+        listen_at = database.listen_url(orc.settings.database_url)  # None: behind a pooler, poll
+        if listen_at is not None:
             if self._listener is None:
-                url = make_url(orc.settings.database_url).set(drivername="postgresql")
+                url = make_url(listen_at).set(drivername="postgresql")
                 self._listener = _Listener(url.render_as_string(hide_password=False))
             listener, channel = self._listener, notifications.channel(uid)
             announced = await listener.watch(channel)  # before reading the row: no final move is missed

@@ -195,6 +195,7 @@ class Orchestrator:
         self.settings = settings or Settings.from_env()
         self.app = app_for(self.settings)
         breaker.configure(self.settings)  # breakers used in this process share this deployment's database
+        database.configure(self.settings)  # connect as these settings say (pool sizes, a pooler)
         self.store = Store(self.settings.database_url)
         self.publisher = Publisher(self.app, self.settings)
         if migrate is None:

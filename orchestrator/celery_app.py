@@ -12,7 +12,7 @@ import warnings
 
 from celery.exceptions import CPendingDeprecationWarning
 
-from . import breaker, registry
+from . import breaker, database, registry
 from .app import QuietReconnect, app_for
 from .settings import Settings
 
@@ -25,6 +25,7 @@ warnings.filterwarnings(
 
 settings = Settings.from_env()
 breaker.configure(settings)  # the breakers of this worker share its database
+database.configure(settings)  # its connections: the pool `orchestrator worker` sized, a pooler
 registry.load(settings.imports)
 app = app_for(settings)
 app.set_current()

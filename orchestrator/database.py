@@ -3,6 +3,10 @@ PostgreSQL/SQLite difference (`Dialect`), and schema upgrades.
 
 Celery's prefork pool forks after import, and a pooled connection used by two processes corrupts both,
 so engines are created lazily and forgotten in every forked child.
+
+How a process connects to a database (pool size, when to ping, prepared statements, where to LISTEN) is
+a `ConnectionOptions` per URL: `configure(settings)` sets it for the settings' database; a URL nobody
+configured takes the ORCH_* environment's options when it is the environment's database, else defaults.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +42,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 
 from .errors import ConfigurationError, SchemaNotReady
+from .settings import Settings
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
@@ -122,6 +129,125 @@ def _forget_engines_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_engines_after_fork)
 
 
+#: Pooled connections a process keeps, and opens beyond them for a burst, when nothing says otherwise
+#: (a client, the web view, metrics). `orchestrator worker` derives its pools' own from their concurrency.
+DEFAULT_POOL_SIZE = 10
+DEFAULT_MAX_OVERFLOW = 20
+#: A pooled connection idle this long is pinged before it is handed out (dropped by a restart or a
+#: firewall, it is replaced instead of failing the transaction). A connection back from a transaction a
+#: moment ago is not: on the hot path a ping is one more round trip per transaction.
+DEFAULT_PING_AFTER = 10.0
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """How this process connects to one database URL."""
+
+    pool_size: int = DEFAULT_POOL_SIZE  # connections kept open once opened
+    max_overflow: int = DEFAULT_MAX_OVERFLOW  # opened beyond those for a burst, closed on return
+    ping_after: float = DEFAULT_PING_AFTER  # seconds idle before a checkout pings; 0: every checkout
+    # False behind a transaction pooler (PgBouncer pool_mode=transaction): the next transaction may run
+    # on another server connection, which has none of this one's prepared statements.
+    prepared_statements: bool = True
+    # Where to LISTEN for final job moves: None for this URL itself, unless `can_listen` is False.
+    listen_url: str | None = None
+    can_listen: bool = True  # False: a transaction pooler and no direct URL; waits poll
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionOptions:
+        pooled = settings.db_pooler == "transaction"
+        overflow = settings.db_max_overflow
+        return cls(
+            pool_size=settings.db_pool_size or DEFAULT_POOL_SIZE,
+            max_overflow=DEFAULT_MAX_OVERFLOW if overflow is None else overflow,
+            ping_after=settings.db_ping_after,
+            prepared_statements=not pooled,
+            listen_url=settings.listen_database_url,
+            can_listen=settings.listen_database_url is not None or not pooled,
+        )
+
+
+_options: dict[str, ConnectionOptions] = {}
+
+
+def configure(settings: Settings) -> None:
+    """Connect to `settings.database_url` as `settings` say, from now on in this process (an engine
+    already made for it with other options is replaced). Entry points call it with their Settings."""
+    set_options(settings.database_url, ConnectionOptions.from_settings(settings))
+
+
+def set_options(url: str, options: ConnectionOptions) -> None:
+    with _lock:
+        if _options.get(url) == options:
+            return
+        _options[url] = options
+        stale = _engines.pop(url, None)
+    if stale is not None:
+        stale.dispose()
+
+
+def options(url: str) -> ConnectionOptions:
+    """The options of `url`: configured, else (decided once per URL and process) the ORCH_* environment's
+    when `url` is the environment's database, as in every worker, else the defaults."""
+    found = _options.get(url)
+    if found is None:
+        env = Settings.from_env()
+        found = ConnectionOptions.from_settings(env) if env.database_url == url else ConnectionOptions()
+        found = _options.setdefault(url, found)  # no lock: get_engine calls this holding _lock
+    return found
+
+
+def listen_url(url: str) -> str | None:
+    """Where a waiter LISTENs for the final moves announced in `url`'s transactions; None: it cannot
+    (SQLite, or a transaction pooler without ORCH_LISTEN_DATABASE_URL), so it polls."""
+    if not dialect(url).notifies:
+        return None
+    opts = options(url)
+    if not opts.can_listen:
+        return None
+    return opts.listen_url or url
+
+
+def _ping_when_idle(engine: Engine, after: float) -> None:
+    """Ping a pooled connection at checkout only when it sat idle `after` seconds or more; one that fails
+    the ping is replaced (DisconnectionError makes the pool connect again)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is not None:
+            record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")  # none yet: a connection made just now
+        if since is None or time.monotonic() - since < after:
+            return
+        dialect = engine.dialect
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as exc:
+            if dialect.is_disconnect(exc, dbapi_connection, None):
+                raise DisconnectionError("a pooled connection failed its ping") from exc
+            raise
+
+
+def _postgres_engine(url: str, opts: ConnectionOptions) -> Engine:
+    # Kept connections must cover a thread pool's concurrent transactions: an overflow connection is
+    # closed on return, so each transaction past pool_size would pay for a new PostgreSQL connection
+    # (measured: +60 ms per io branch with 8 threads at 5). `orchestrator worker` sizes them per pool.
+    connect_args: dict[str, Any] = {} if opts.prepared_statements else {"prepare_threshold": None}
+    engine = create_engine(
+        url,
+        pool_size=opts.pool_size,
+        max_overflow=opts.max_overflow,
+        pool_pre_ping=opts.ping_after == 0,
+        connect_args=connect_args,
+    )
+    if opts.ping_after > 0:
+        _ping_when_idle(engine, opts.ping_after)
+    return engine
+
+
 def _sqlite_engine(url: str) -> Engine:
     path = make_url(url).database
     if path and path != ":memory:":
@@ -183,10 +309,7 @@ def get_engine(url: str) -> Engine:
                 if url.startswith("sqlite"):
                     engine = _sqlite_engine(url)
                 else:
-                    # Kept connections must cover a thread pool's concurrent transactions: an overflow
-                    # connection is closed on return, so each transaction past pool_size would pay for a
-                    # new PostgreSQL connection (measured: +60 ms per io branch with 8 threads at 5).
-                    engine = create_engine(url, pool_size=32, max_overflow=32, pool_pre_ping=True)
+                    engine = _postgres_engine(url, options(url))
             except Exception as exc:  # bad URL, missing driver
                 # from None: the original exception's text may hold the password too.
                 raise ConfigurationError(

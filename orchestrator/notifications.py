@@ -2,6 +2,10 @@
 
 The announcement is part of the transaction that makes the move (delivered at commit); a waiter LISTENs on
 the job's own channel first and reads the row after, so a move committed in between is not missed.
+
+A NOTIFY sent through a transaction pooler (PgBouncer, pool_mode=transaction) still reaches listeners,
+but a LISTEN through one does not stay on any server connection: waiters then LISTEN on the direct URL
+`ORCH_LISTEN_DATABASE_URL` names, or poll (`database.listen_url`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from .database import dialect
+from .database import dialect, get_engine, listen_url
 
 
 def channel(job_id: uuid.UUID) -> str:
@@ -23,6 +27,12 @@ def channel(job_id: uuid.UUID) -> str:
 def announce(conn: Connection, job_id: uuid.UUID, state: str) -> None:
     """Inside the transaction that makes a job final; a no-op where the database has no NOTIFY."""
     dialect(conn).notify(conn, channel(job_id), str(state))
+
+
+def listener_engine(database_url: str) -> Engine | None:
+    """The engine to LISTEN on for what `database_url`'s transactions announce; None: waiters poll."""
+    url = listen_url(database_url)
+    return None if url is None else get_engine(url)
 
 
 @contextmanager

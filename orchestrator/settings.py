@@ -28,7 +28,8 @@ def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 1) -> in
     return value
 
 
-def _float(env: Mapping[str, str], key: str, default: float) -> float:
+def _float(env: Mapping[str, str], key: str, default: float, *, zero: bool = False) -> float:
+    """A positive number; with zero=True, 0 is allowed too (for a number of seconds it means "always")."""
     raw = env.get(key)
     if raw is None or raw == "":
         return default
@@ -36,9 +37,47 @@ def _float(env: Mapping[str, str], key: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigurationError(f"{key} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigurationError(f"{key} must be positive, got {value}")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        least = "a number of seconds >= 0" if zero else "positive"
+        raise ConfigurationError(f"{key} must be {least}, got {raw!r}")
     return value
+
+
+def _optional_int(env: Mapping[str, str], key: str, minimum: int) -> int | None:
+    """None when unset: the caller derives a default (e.g. from a pool's concurrency)."""
+    return _int(env, key, -1, minimum) if env.get(key) else None
+
+
+def _psycopg_url(url: str) -> str:
+    # psycopg 3 is the driver we ship; plain URLs would ask SQLAlchemy for psycopg2.
+    if url.startswith(("postgres://", "postgresql://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def parse_autoscale(key: str, raw: str) -> tuple[int, int] | None:
+    """`MAX,MIN` (MIN defaults to 1) as Celery's --autoscale takes it; empty: a fixed pool."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    high, _, low = raw.partition(",")
+    try:
+        most, least = int(high), int(low) if low.strip() else 1
+    except ValueError:
+        raise ConfigurationError(f"{key} must be MAX,MIN (e.g. 8,2), got {raw!r}") from None
+    if not 0 <= least <= most or most < 1:
+        raise ConfigurationError(f"{key} needs 1 <= MAX and 0 <= MIN <= MAX, got {raw!r}")
+    return most, least
+
+
+def _autoscale(env: Mapping[str, str]) -> tuple[tuple[str, int, int], ...]:
+    scales = []
+    for kind in ("io", "cpu", "fanin"):
+        key = f"ORCH_{kind.upper()}_AUTOSCALE"
+        scale = parse_autoscale(key, env.get(key, ""))
+        if scale is not None:
+            scales.append((kind, *scale))
+    return tuple(scales)
 
 
 def _max_priority(env: Mapping[str, str]) -> int:
@@ -83,6 +122,15 @@ class Settings:
     block_timeout: float = 10.0
     # Message priorities 0..max_priority (RabbitMQ queues are declared with x-max-priority); 0: off.
     max_priority: int = 9
+    # Pools Celery's autoscaler sizes with their queue: (kind, max, min) for those set (a tuple: hashable).
+    autoscale: tuple[tuple[str, int, int], ...] = ()
+    # Connections of each process to the database (docs/scaling.md). None: the default, or what
+    # `orchestrator worker` derives from the concurrency of the pool it starts.
+    db_pool_size: int | None = None  # kept open once opened
+    db_max_overflow: int | None = None  # opened beyond those for a burst, closed on return
+    db_ping_after: float = 10.0  # seconds idle after which a pooled connection is pinged; 0: always
+    db_pooler: str = "none"  # "transaction": database_url is PgBouncer in transaction pooling mode
+    listen_database_url: str | None = None  # a direct URL where wait() LISTENs (behind a pooler)
     # hosts the bundled jobs.io fetch/probe branches may reach: (host, port or None for any port)
     fetch_allowed_hosts: Hosts = DEFAULT_FETCH_ALLOWED_HOSTS
 
@@ -94,6 +142,10 @@ class Settings:
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def autoscale_for(self, kind: str) -> tuple[int, int] | None:
+        """(max, min) processes or threads of the `kind` pool when it autoscales (ORCH_<KIND>_AUTOSCALE)."""
+        return next(((most, least) for k, most, least in self.autoscale if k == kind), None)
 
     def queue_for(self, kind: str) -> str:
         """io and cpu tasks go to their pools' queues; everything else (the fan-in) to fanin."""
@@ -124,6 +176,14 @@ class Settings:
         io_pool = env.get("ORCH_IO_POOL", "threads")
         if io_pool not in ("threads", "gevent", "eventlet"):
             raise ConfigurationError(f"ORCH_IO_POOL must be threads or gevent, got {io_pool!r}")
+        db_pooler = env.get("ORCH_DB_POOLER") or "none"
+        if db_pooler not in ("none", "transaction"):
+            raise ConfigurationError(f"ORCH_DB_POOLER must be none or transaction, got {db_pooler!r}")
+        listen_database_url = _psycopg_url(env.get("ORCH_LISTEN_DATABASE_URL") or "") or None
+        if listen_database_url and not listen_database_url.startswith("postgresql"):
+            raise ConfigurationError("ORCH_LISTEN_DATABASE_URL must be a postgresql:// URL")
+        if (listen_database_url or db_pooler != "none") and database_url.startswith("sqlite"):
+            raise ConfigurationError("ORCH_LISTEN_DATABASE_URL and ORCH_DB_POOLER need a PostgreSQL database")
         return cls(
             home=home,
             database_url=database_url,
@@ -138,6 +198,11 @@ class Settings:
             cpu_concurrency=_int(env, "ORCH_CPU_CONCURRENCY", os.cpu_count() or 1),
             fanin_concurrency=_int(env, "ORCH_FANIN_CONCURRENCY", 2),
             io_chunk_size=_int(env, "ORCH_IO_CHUNK_SIZE", 50),
+            db_pool_size=_optional_int(env, "ORCH_DB_POOL_SIZE", minimum=1),
+            db_max_overflow=_optional_int(env, "ORCH_DB_MAX_OVERFLOW", minimum=0),
+            db_ping_after=_float(env, "ORCH_DB_PING_AFTER", 10.0, zero=True),
+            db_pooler=db_pooler,
+            listen_database_url=listen_database_url,
             fan_in_timeout=_float(env, "ORCH_FAN_IN_TIMEOUT", 60.0),
             visibility_timeout=_int(env, "ORCH_VISIBILITY_TIMEOUT", 3600),
             retention=_float(env, "ORCH_RETENTION", 7 * 86400.0),
@@ -153,6 +218,7 @@ class Settings:
             max_active_branches=_int(env, "ORCH_MAX_ACTIVE_BRANCHES", 100_000, minimum=0),
             block_timeout=_float(env, "ORCH_BLOCK_TIMEOUT", 10.0),
             max_priority=_max_priority(env),
+            autoscale=_autoscale(env),
             fetch_allowed_hosts=parse_hosts(
                 "ORCH_FETCH_ALLOWED_HOSTS", env.get("ORCH_FETCH_ALLOWED_HOSTS", "")
             ),

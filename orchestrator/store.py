@@ -775,17 +775,20 @@ class Store:
 
     @property
     def notifies(self) -> bool:
-        """True when final moves are announced (PostgreSQL NOTIFY), so waiting needs no polling."""
-        return dialect(self.engine).notifies
+        """True when this client can LISTEN for the final moves announced (PostgreSQL NOTIFY), so waiting
+        needs no polling; not through a transaction pooler without ORCH_LISTEN_DATABASE_URL."""
+        return notifications.listener_engine(self.database_url) is not None
 
     def final_notifications(
         self, job_id: uuid.UUID
     ) -> AbstractContextManager[Callable[[float], bool] | None]:
-        """LISTEN for the job's final move; yields wait(seconds) -> announced, or None when the database
-        cannot announce, or when LISTENERS waits already hold a connection each (the rest poll)."""
-        if not self.notifies or not self._listeners.acquire(blocking=False):
+        """LISTEN for the job's final move; yields wait(seconds) -> announced, or None when this client
+        cannot LISTEN (see `notifies`), or when LISTENERS waits already hold a connection each (the rest
+        poll)."""
+        engine = notifications.listener_engine(self.database_url)
+        if engine is None or not self._listeners.acquire(blocking=False):
             return nullcontext()
-        return notifications.listen(self.engine, job_id, release=self._listeners.release)
+        return notifications.listen(engine, job_id, release=self._listeners.release)
 
     # --- reads -------------------------------------------------------------------------------------
 

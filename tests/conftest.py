@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from orchestrator import Orchestrator, Settings
+from bench import pgbouncer as pgbouncer_server
+from orchestrator import Orchestrator, Settings, database
 from orchestrator.cli.processes import KINDS, WorkerProcess, start_pools, start_worker, stop_all
 from orchestrator.database import get_engine, upgrade
 from orchestrator.models import Branch, Job
-from tests.services import postgres_database, rabbitmq_vhost, redis_database
+from tests.services import SERVICES, postgres_database, rabbitmq_vhost, redis_database
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Pool sizes of a test stack. io is the default ORCH_IO_CONCURRENCY: how many io branches a worker runs
@@ -60,6 +61,7 @@ class Stack:
     @property
     def orc(self) -> Orchestrator:
         if self._orc is None:
+            database.configure(self.settings)  # this process connects as the stack's workers do
             self._orc = Orchestrator(self.settings, migrate=True)
         return self._orc
 
@@ -85,10 +87,45 @@ class Stack:
 
 
 STACKS = ("sqlite-embedded", "postgres-redis", "postgres-rabbitmq")
+#: Test modules whose `stack` and `database_url` also run through PgBouncer in transaction pooling mode:
+#: the core job tests and the SQL backend's exactly-once tests (test_pgbouncer.py has PgBouncer's own).
+THROUGH_PGBOUNCER = {"test_jobs": "stack", "test_sql_backend": "database_url"}
+PGBOUNCER_PARAMS = {
+    "stack": [*STACKS, "pgbouncer-rabbitmq"],
+    "database_url": ["postgres", "sqlite", "pgbouncer"],
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before the fixtures' own params are applied
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Add the PgBouncer variant to those modules' fixture, as a parametrize mark (which takes precedence
+    over the fixture's own params), so their tests run through it unchanged."""
+    fixture = THROUGH_PGBOUNCER.get(metafunc.module.__name__.rsplit(".", 1)[-1])
+    if fixture is not None and fixture in metafunc.fixturenames:
+        metafunc.definition.add_marker(
+            pytest.mark.parametrize(
+                fixture,
+                PGBOUNCER_PARAMS[fixture],
+                indirect=True,
+                scope="module" if fixture == "stack" else None,
+            )
+        )
+
+
+def pgbouncer_env(bouncer: pgbouncer_server.PgBouncer, direct_url: str) -> dict[str, str]:
+    """A deployment behind PgBouncer in transaction pooling mode: prepared statements off, wait() LISTENs
+    on the direct URL. (Migrations run on the direct URL, as docs/scaling.md says.)"""
+    return {
+        "ORCH_DATABASE_URL": bouncer.url(direct_url),
+        "ORCH_DB_POOLER": "transaction",
+        "ORCH_LISTEN_DATABASE_URL": direct_url,
+    }
 
 
 @contextmanager
-def stack_services(name: str, home: Path) -> Iterator[dict[str, str]]:
+def stack_services(
+    name: str, home: Path, bouncer: pgbouncer_server.PgBouncer | None = None
+) -> Iterator[dict[str, str]]:
     """Environment for one stack, with fresh service namespaces that are removed afterwards."""
     if name == "sqlite-embedded":
         yield base_env(home)
@@ -106,14 +143,20 @@ def stack_services(name: str, home: Path) -> Iterator[dict[str, str]]:
         with postgres_database() as db, rabbitmq_vhost() as broker:
             # The default result backend: results and the chord join in PostgreSQL.
             yield base_env(home, ORCH_DATABASE_URL=db, ORCH_BROKER_URL=broker)
+    elif name == "pgbouncer-rabbitmq" and bouncer is not None:
+        with postgres_database() as db, rabbitmq_vhost() as broker:
+            upgrade(db)
+            yield base_env(home, ORCH_BROKER_URL=broker, **pgbouncer_env(bouncer, db))
     else:
         raise ValueError(name)
 
 
 @contextmanager
-def running_stack(name: str, home: Path) -> Iterator[Stack]:
+def running_stack(
+    name: str, home: Path, bouncer: pgbouncer_server.PgBouncer | None = None
+) -> Iterator[Stack]:
     """A deployment with all three pools running, stopped (and its namespaces removed) afterwards."""
-    with stack_services(name, home) as env:
+    with stack_services(name, home, bouncer) as env:
         s = Stack(name, env, home)
         s.start()
         try:
@@ -125,7 +168,8 @@ def running_stack(name: str, home: Path) -> Iterator[Stack]:
 @pytest.fixture(scope="module", params=STACKS)
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One running deployment per stack, shared by a test module."""
-    with running_stack(request.param, tmp_path_factory.mktemp(request.param)) as s:
+    bouncer = request.getfixturevalue("pgbouncer") if request.param.startswith("pgbouncer") else None
+    with running_stack(request.param, tmp_path_factory.mktemp(request.param), bouncer) as s:
         yield s
 
 
@@ -143,13 +187,32 @@ def rabbit_stack(tmp_path: Path) -> Iterator[Stack]:
         yield s
 
 
+@pytest.fixture(scope="session")
+def pgbouncer() -> Iterator[pgbouncer_server.PgBouncer]:
+    """Debian's PgBouncer in transaction pooling mode before the test PostgreSQL, on a port of its own."""
+    with pgbouncer_server.running(SERVICES.pg_admin_url, pool_mode="transaction") as bouncer:
+        yield bouncer
+
+
 @pytest.fixture(params=["postgres", "sqlite"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A migrated, empty database: a fresh PostgreSQL database, or a SQLite file."""
+    """A migrated, empty database: a fresh PostgreSQL database, or a SQLite file (or, where a module asks
+    for it, a fresh PostgreSQL database through PgBouncer, migrated on the direct URL)."""
     if request.param == "postgres":
         with postgres_database() as url:
             upgrade(url)
             yield url
+    elif request.param == "pgbouncer":
+        bouncer: pgbouncer_server.PgBouncer = request.getfixturevalue("pgbouncer")
+        with postgres_database() as direct:
+            upgrade(direct)
+            env = {"ORCH_HOME": str(tmp_path), **pgbouncer_env(bouncer, direct)}
+            database.configure(Settings.from_env(env))
+            # Processes the test starts (multiprocessing) connect as their environment says, like workers.
+            monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+            yield env["ORCH_DATABASE_URL"]
     else:
         url = f"sqlite:///{tmp_path / 'orchestrator.db'}"
         upgrade(url)

@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ..errors import OrchestratorError
 from ..models import RETRY_STATES, BreakerState, JobState
-from ..settings import Settings
+from ..settings import Settings, parse_autoscale
 from ..views import BreakerView, JobView
 from .credentials import basic_auth_pairs
 from .display import (
@@ -159,20 +159,33 @@ def main() -> None:
     help="Celery node name; %h is the host name. Default KIND-PID@%h, unique per process, so several "
     "pools of one kind can run on one host.",
 )
-def worker(kind: str, concurrency: int | None, hostname: str | None) -> None:
+@click.option(
+    "--autoscale",
+    metavar="MAX,MIN",
+    help="Let Celery's autoscaler size the pool by its queue (prefork, gevent); default "
+    "ORCH_<KIND>_AUTOSCALE.",
+)
+def worker(kind: str, concurrency: int | None, hostname: str | None, autoscale: str | None) -> None:
     """Start a worker pool: prints the exact celery command, then runs it."""
     from .. import database
-    from .processes import celery_executable, worker_argv
+    from .processes import celery_executable, worker_argv, worker_environment
 
     if hostname is not None and not hostname.strip():
         raise click.BadParameter("must not be empty", param_hint="--hostname")
     settings = Settings.from_env()
     if settings.is_sqlite:
         database.upgrade(settings.database_url)
-    argv = worker_argv(kind, settings, concurrency, hostname)
-    click.echo(shlex.join(argv), err=True)
+    scale = parse_autoscale("--autoscale", autoscale) if autoscale else settings.autoscale_for(kind)
+    if scale is not None:
+        concurrency = scale[0]  # the most the pool may grow to: its database connections are sized by it
+    try:
+        argv = worker_argv(kind, settings, concurrency, hostname, scale)
+    except OrchestratorError as exc:
+        raise click.UsageError(str(exc)) from None
+    env, added = worker_environment(kind, settings, concurrency, os.environ)
+    click.echo(shlex.join([f"{k}={v}" for k, v in added.items()] + argv), err=True)
     sys.stderr.flush()
-    os.execv(celery_executable(), argv)
+    os.execve(celery_executable(), argv, env)
 
 
 def _check_flower_auth(value: str | None) -> None:

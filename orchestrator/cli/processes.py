@@ -32,9 +32,15 @@ def default_hostname(kind: str) -> str:
 
 
 def worker_argv(
-    kind: str, settings: Settings, concurrency: int | None = None, hostname: str | None = None
+    kind: str,
+    settings: Settings,
+    concurrency: int | None = None,
+    hostname: str | None = None,
+    autoscale: tuple[int, int] | None = None,
 ) -> list[str]:
-    """The celery command line for one pool; `orchestrator worker KIND` prints and runs it."""
+    """The celery command line for one pool; `orchestrator worker KIND` prints and runs it. With
+    `autoscale` (or ORCH_<KIND>_AUTOSCALE) Celery's autoscaler sizes the pool between MIN and MAX by its
+    queue; the prefork and gevent pools can, Celery's thread pool cannot grow or shrink."""
     if kind == "io":
         queue, pool, default = settings.io_queue, settings.io_pool, settings.io_concurrency
     elif kind == "cpu":
@@ -43,12 +49,72 @@ def worker_argv(
         queue, pool, default = settings.fanin_queue, "prefork", settings.fanin_concurrency
     else:
         raise OrchestratorError(f"unknown worker kind {kind!r}: expected one of {', '.join(KINDS)}")
+    scale = autoscale or settings.autoscale_for(kind)
+    scaling: list[str] = []
+    if scale is not None:
+        if pool == "threads":
+            raise OrchestratorError(
+                "the io pool's threads cannot autoscale (Celery's thread pool cannot grow or shrink): set "
+                "ORCH_IO_POOL=gevent to autoscale io, or give it a fixed --concurrency"
+            )
+        most, least = scale
+        concurrency, scaling = most, [f"--autoscale={most},{least}"]
     return [
         *("celery", "-A", "orchestrator.celery_app", "worker"),
-        *("-Q", queue, "-P", pool, "-c", str(concurrency or default)),
+        *("-Q", queue, "-P", pool, "-c", str(concurrency or default), *scaling),
         *("-n", hostname or default_hostname(kind), "-l", settings.log_level),
         *("--without-mingle", "--without-gossip"),
     ]
+
+
+#: Database connections an io worker keeps besides one per thread: its main thread's timers (the chord
+#: recovery sweep, heartbeats) and a spare. A gevent pool's thousand greenlets share at most IO_POOL_CAP.
+IO_POOL_EXTRA = 2
+IO_POOL_CAP = 64
+
+
+def pool_connections(kind: str, settings: Settings, concurrency: int | None = None) -> tuple[int, int]:
+    """(kept, burst): the database connections each process of a pool keeps, and may open beyond them for
+    a moment. An io worker's threads each run at most one transaction at a time; a prefork child runs one
+    task at a time and its parent only timers, so one each. docs/scaling.md has the per-host formula."""
+    if kind == "io":
+        threads = concurrency or settings.io_concurrency
+        return min(threads, IO_POOL_CAP) + IO_POOL_EXTRA, 2
+    if kind in ("cpu", "fanin"):
+        return 1, 1
+    raise OrchestratorError(f"unknown worker kind {kind!r}: expected one of {', '.join(KINDS)}")
+
+
+def pool_processes(kind: str, settings: Settings, concurrency: int | None = None) -> int:
+    """Processes of one pool that connect to the database: an io worker is one (threads or greenlets),
+    a prefork pool its parent and a child per slot."""
+    if kind == "io":
+        return 1
+    default = settings.cpu_concurrency if kind == "cpu" else settings.fanin_concurrency
+    return (concurrency or default) + 1
+
+
+def connection_budget(kind: str, settings: Settings, concurrency: int | None = None) -> int:
+    """The most connections one pool holds at once with the derived pools: processes x (kept + burst)."""
+    kept, burst = pool_connections(kind, settings, concurrency)
+    return pool_processes(kind, settings, concurrency) * (kept + burst)
+
+
+def worker_environment(
+    kind: str, settings: Settings, concurrency: int | None, environ: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The environment `orchestrator worker KIND` runs celery in, and what it added: the pool's database
+    connections unless ORCH_DB_POOL_SIZE / ORCH_DB_MAX_OVERFLOW are set, and PGAPPNAME (unless set), so
+    pg_stat_activity tells the pools' connections apart."""
+    kept, burst = pool_connections(kind, settings, concurrency)
+    added: dict[str, str] = {}
+    if settings.db_pool_size is None:
+        added["ORCH_DB_POOL_SIZE"] = str(kept)
+    if settings.db_max_overflow is None:
+        added["ORCH_DB_MAX_OVERFLOW"] = str(burst)
+    if "PGAPPNAME" not in environ:
+        added["PGAPPNAME"] = f"orchestrator-{kind}"
+    return {**environ, **added}, added
 
 
 def flower_argv(port: int = 5555, address: str = "127.0.0.1") -> list[str]:
@@ -161,6 +227,7 @@ def start_worker(
     concurrency: int | None = None,
     cwd: str | os.PathLike[str] | None = None,
     hostname: str | None = None,
+    autoscale: str | None = None,
 ) -> WorkerProcess:
     """Start `orchestrator worker KIND` as a child process (node name `KIND-PID@host` unless given)."""
     argv = [*orchestrator_executable(), "worker", kind]
@@ -168,6 +235,8 @@ def start_worker(
         argv += ["--concurrency", str(concurrency)]
     if hostname is not None:
         argv += ["--hostname", hostname]
+    if autoscale is not None:
+        argv += ["--autoscale", autoscale]
     return spawn(argv, name=kind, log_dir=log_dir, env=env, cwd=cwd)
 
 

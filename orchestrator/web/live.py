@@ -21,8 +21,7 @@ import psycopg
 from sqlalchemy.engine import make_url
 from starlette.concurrency import run_in_threadpool
 
-from .. import notifications
-from ..database import dialect
+from .. import database, notifications
 from ..errors import JobNotFound
 from .reads import Progress, WebReads
 
@@ -40,11 +39,12 @@ class Listeners:
 
 
 def listen_conninfo(database_url: str) -> str | None:
-    """The psycopg connection string of a database that announces final moves, else None."""
-    if not dialect(database_url).notifies:
+    """The psycopg connection string where the final moves of `database_url` can be heard (its direct
+    URL behind a transaction pooler: ORCH_LISTEN_DATABASE_URL), else None (the stream reads only)."""
+    where = database.listen_url(database_url)
+    if where is None:
         return None
-    url = make_url(database_url).set(drivername="postgresql")
-    return url.render_as_string(hide_password=False)
+    return make_url(where).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @asynccontextmanager

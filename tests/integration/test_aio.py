@@ -68,6 +68,14 @@ def test_the_async_client_covers_the_api(pg_stack: Stack) -> None:
         with pytest.raises(JobAlreadyFinal):
             await orc.cancel(slow.id)
         assert (await orc.get(slow.id)).state == "cancelled"
+        flaky = await orc.submit(
+            [branch("tests.catalog.boom"), branch("jobs.io.sleep", 0.01)], "jobs.aggregate.total", priority=5
+        )
+        assert flaky.priority == 5 and (await orc.wait(flaky.id, timeout=30)).state == "partial"
+        assert (await orc.retry(flaky.id)).run == 2
+        final = await orc.wait(flaky.id, timeout=30)
+        assert (final.state, final.run, final.branches[0].run, final.branches[1].run) == ("partial", 2, 2, 1)
+        assert [r.state for r in (await orc.history(flaky.id)).runs] == ["partial"]
         await orc.close()
 
     asyncio.run(main())

@@ -17,6 +17,15 @@ def test_nothing_set_means_the_embedded_default(tmp_path: Path) -> None:
     assert s.imports == ("jobs",)
     assert (s.max_deliveries, s.stall_timeout) == (3, 30.0)
     assert s.max_args_bytes == s.max_result_bytes == 1 << 20
+    assert (s.max_active_branches, s.block_timeout, s.max_priority, s.autoscale) == (100_000, 10.0, 9, ())
+    scaled = Settings.from_env(
+        {"ORCH_HOME": str(tmp_path), "ORCH_CPU_AUTOSCALE": "4", "ORCH_FANIN_AUTOSCALE": "3,2"}
+    )
+    assert (scaled.autoscale_for("cpu"), scaled.autoscale_for("fanin"), scaled.autoscale_for("io")) == (
+        (4, 1),
+        (3, 2),
+        None,
+    )
 
 
 def test_production_urls_and_imports() -> None:
@@ -44,6 +53,9 @@ def test_production_urls_and_imports() -> None:
         ({"ORCH_MAX_DELIVERIES": "-1"}, "ORCH_MAX_DELIVERIES must be >= 0"),
         ({"ORCH_STALL_TIMEOUT": "0"}, "ORCH_STALL_TIMEOUT must be positive"),
         ({"ORCH_MAX_ARGS_BYTES": "1MB"}, "ORCH_MAX_ARGS_BYTES must be an integer"),
+        ({"ORCH_MAX_ACTIVE_BRANCHES": "-1"}, "ORCH_MAX_ACTIVE_BRANCHES must be >= 0"),
+        ({"ORCH_MAX_PRIORITY": "256"}, "ORCH_MAX_PRIORITY must be <= 255"),
+        ({"ORCH_CPU_AUTOSCALE": "2,3"}, "ORCH_CPU_AUTOSCALE needs 1 <= MAX and 0 <= MIN <= MAX"),
     ],
 )
 def test_bad_settings_are_refused_clearly(env: dict[str, str], message: str) -> None:
