@@ -8,7 +8,6 @@ two Orchestrators on different deployments live side by side in one process.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any
 
@@ -22,24 +21,6 @@ from .settings import Settings
 
 _apps: dict[Settings, Celery] = {}
 _lock = threading.Lock()
-
-
-class QuietReconnect(logging.Filter):
-    """An ordinary broker reconnect, said in one line. A task that finishes after its worker lost the
-    broker connection cannot ack its message (the broker already handed it out again, and the
-    orchestrator's SQL makes that second delivery start nothing); kombu logs each such ack as CRITICAL
-    with a traceback. Here it is one WARNING line that says why it is harmless."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.startswith(("Couldn't ack", "Couldn't reject")):
-            verb = "ack" if record.msg.startswith("Couldn't ack") else "reject"
-            record.msg = (
-                f"could not {verb} message %r after the broker connection was lost (%r): the broker "
-                "delivers it again, and SQL makes that delivery start nothing already done"
-            )
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.exc_info, record.exc_text = None, None
-        return True
 
 
 def broker_transport_options(s: Settings) -> dict[str, Any]:

@@ -81,6 +81,8 @@ _BUMP = (
 #: Parts counted inside a task's own outcome transaction, awaiting that task's on_chord_part_return.
 #: Per thread (per greenlet under gevent): a pool thread runs a task and then its chord step.
 _counted = threading.local()
+#: In `_counted` for a delivery that must not count its part (see PartCounter.withhold).
+_WITHHELD = _Part(0, None, counted=False, fired=False)
 
 
 @dataclass
@@ -103,6 +105,13 @@ class PartCounter:
     def committed(self) -> None:
         if self.part is not None:
             _counted.parts = {(self.group_id, self.task_id): self.part}
+
+    def withhold(self) -> None:
+        """This delivery recorded nothing while its message's branches are still pending or running
+        elsewhere: a duplicate delivery, or a run that was taken over while it was paused. Counting its
+        part now would complete the chord, and run the fan-in, before those branches end; the run that
+        records them counts the message."""
+        _counted.parts = {(self.group_id, self.task_id): _WITHHELD}
 
 
 class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
@@ -288,7 +297,10 @@ class SQLBackend(KeyValueStoreBackend):  # type: ignore[misc]
         gid, tid = request.group, request.id
         if not gid or not tid or not request.chord:
             return
-        part = self._take_counted(gid, tid) or self._count(gid, tid)
+        part = self._take_counted(gid, tid)
+        if part is _WITHHELD:
+            return
+        part = part or self._count(gid, tid)
         total = part.total if part.total is not None else request.chord.get("chord_size")
         if total is None or part.done < total or part.fired:
             return

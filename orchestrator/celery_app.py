@@ -13,10 +13,12 @@ import warnings
 from celery.exceptions import CPendingDeprecationWarning
 
 from . import breaker, database, registry
-from .app import QuietReconnect, app_for
+from .app import app_for
+from .reconnect import QuietReconnect, survive_redis_restarts
 from .settings import Settings
 
 logging.getLogger("celery.worker.request").addFilter(QuietReconnect())
+survive_redis_restarts()
 # Celery warns at every connection loss that it will default to cancelling running tasks in 6.0; the
 # orchestrator sets worker_cancel_long_running_tasks_on_connection_loss=False on purpose (see app).
 warnings.filterwarnings(

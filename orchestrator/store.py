@@ -116,6 +116,19 @@ _START = (
     .returning(*_STARTED_ROW)
 )
 _START_MANY = _start(_TAKEABLE)
+# A retried message takes its branches back from its own earlier run, which ended with an error before
+# recording them; that run was not lost with its process, so lost_runs stays.
+_START_RETRIED = (
+    update(Branch)
+    .where(
+        Branch.job_id == _JOB,
+        Branch.index.in_(bindparam("idxs", expanding=True)),
+        Branch.state.in_(_ACTIVE),
+        *_SENT_FOR,
+    )
+    .values(**{**_STARTED, "lost_runs": Branch.lost_runs})
+    .returning(*_STARTED_ROW)
+)
 _START_LOST = _start(_TAKE_FROM)
 _BUSY = select(Branch.runner).where(
     Branch.job_id == _JOB,
@@ -267,6 +280,10 @@ class SentAs:
     task_id: str
     task: str
     runner: str | None = None
+    #: Celery's retry of this message (request.retries > 0): the message's earlier run ended with an
+    #: error before recording its outcome (a database outage), so the branches it left running are its
+    #: own to take back at once, not a lost run.
+    retried: bool = False
 
 
 @dataclass(frozen=True)
@@ -510,6 +527,8 @@ class Store:
 
     def start_branch(self, job_id: uuid.UUID, index: int, sent: SentAs) -> Started:
         """Claim a branch for this run (see start_branches); one statement for the common case."""
+        if sent.retried:
+            return self.start_branches(job_id, [index], sent)
         params = {**self._start_params(job_id, sent), "idx": index}
         with self.engine.begin() as conn:
             rows = conn.execute(_START, params).all()
@@ -529,6 +548,8 @@ class Store:
         heartbeat to age: that costs a read, on the redelivery path only."""
         params = {**self._start_params(job_id, sent), "idxs": list(indexes)}
         with self.engine.begin() as conn:
+            if sent.retried:
+                return self._started(conn.execute(_START_RETRIED, params).all())
             rows = [] if taken_only else list(conn.execute(_START_MANY, params).all())
             me = Runner.parse(params["b_runner"])
             if len(rows) < len(indexes) and me is not None:
@@ -634,6 +655,12 @@ class Store:
     def _taken(conn: Connection, job_id: uuid.UUID, indexes: Sequence[int]) -> bool:
         """True when some of these branches are active again: another run of their message holds them."""
         return bool(conn.execute(_STILL_ACTIVE, {"job": job_id, "idxs": list(indexes)}).scalar_one())
+
+    def still_active(self, job_id: uuid.UUID, indexes: Sequence[int]) -> bool:
+        """Whether some of these branches are pending or running (another run of their message holds
+        them, or they wait for one)."""
+        with self.engine.connect() as conn:
+            return self._taken(conn, job_id, indexes)
 
     def finish_branch(
         self,

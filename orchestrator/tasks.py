@@ -67,13 +67,26 @@ class Runtime:
 
 def _sent_as(runtime: Runtime, task: Task) -> SentAs:
     """A branch may only be moved by the message it was published as, and finished by its runner."""
-    return SentAs(task_id=str(task.request.id), task=str(task.name), runner=runtime.runner)
+    retried = bool(task.request.retries)
+    return SentAs(task_id=str(task.request.id), task=str(task.name), runner=runtime.runner, retried=retried)
 
 
 def _part_counter(task: Task) -> PartCounter | None:
     """When the result backend is ours, the branch's chord count commits with its outcome."""
     backend = task.backend
     return backend.part_counter(task.request) if isinstance(backend, SQLBackend) else None
+
+
+def _settle(runtime: Runtime, counter: PartCounter | None, jid: uuid.UUID, indexes: Sequence[int]) -> None:
+    """After a delivery: hand the part its outcome transaction counted to the chord step, or, when it
+    counted nothing and some of its message's branches are still active elsewhere, keep the chord step
+    from counting it (one read, on that path only)."""
+    if counter is None:
+        return
+    if counter.part is not None:
+        counter.committed()
+    elif runtime.store.still_active(jid, indexes):
+        counter.withhold()
 
 
 def run_branch(
@@ -95,11 +108,11 @@ def run_branch(
         (finished,) = started.poisoned
         logger.error("branch %s[%d] %s: %s", job_id, index, spec.name, finished.error)
         runtime.store.finish_branch(jid, sent, finished, also=counter)
-        if counter is not None:
-            counter.committed()
+        _settle(runtime, counter, jid, [index])
         return {"index": index, "state": finished.state.value}
     attempt = started.attempts.get(index)
     if attempt is None:
+        _settle(runtime, counter, jid, [index])
         return {"index": index, "skipped": _SKIPPED}
     outcome = execute(spec, args, kwargs, Deadline(deadline_at), attempt, runtime.settings.max_result_bytes)
     if outcome.retry_in is not None:
@@ -116,8 +129,7 @@ def run_branch(
     log_outcome(job_id, index, spec, outcome)
     finished = Finished(index, attempt, outcome.state, outcome.result, outcome.error)
     runtime.store.finish_branch(jid, sent, finished, also=counter)
-    if counter is not None:
-        counter.committed()
+    _settle(runtime, counter, jid, [index])
     return {"index": index, "state": outcome.state.value}
 
 
@@ -141,8 +153,7 @@ def run_io_batch(
         also=counter,
         max_result_bytes=runtime.settings.max_result_bytes,
     )
-    if counter is not None and done.ran:
-        counter.committed()
+    _settle(runtime, counter, uuid.UUID(job_id), [int(b[0]) for b in branches])
     return {"job": job_id, "branches": done.ran, "skipped": done.skipped}
 
 

@@ -10,8 +10,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from celery import signals
 
 from orchestrator import branch
 from orchestrator.cli.processes import start_worker
@@ -86,6 +88,41 @@ def test_a_killed_io_workers_branches_are_rescued_before_redis_redelivers_them(t
         assert "rescue: publishing 3 branches of 1 jobs in 1 messages again" in stack.logs() + "".join(
             w.log() for w in stack.workers.values()
         )
+
+
+def test_a_duplicate_delivery_of_a_running_message_does_not_end_the_job_early(tmp_path: Path) -> None:
+    """The same message published twice (same task id): the second delivery finds the branches running
+    and starts nothing, and must not count the message's chord part either, or the fan-in would run
+    before the branches end and fail them as "ended without recording an outcome"."""
+    with _stack(tmp_path, "postgres-rabbitmq") as stack:
+        orc = stack.orc
+        sent: list[dict[str, Any]] = []
+
+        def keep(sender: Any = None, **kwargs: Any) -> None:
+            sent.append({k: kwargs[k] for k in ("body", "exchange", "routing_key", "headers", "properties")})
+
+        signals.before_task_publish.connect(keep, weak=False)
+        try:
+            job = orc.submit(
+                [branch("tests.catalog.io_pid", 1.5) for _ in range(2)], "tests.catalog.outcomes"
+            )
+        finally:
+            signals.before_task_publish.disconnect(keep)
+        (batch,) = [m for m in sent if m["headers"]["task"] == "tests.catalog.io_pid"]
+        _wait_for(stack, job.id, ["running", "running"], "the branches to start")
+        with orc.app.producer_or_acquire() as producer:
+            producer.publish(
+                batch["body"],
+                exchange=batch["exchange"],
+                routing_key=batch["routing_key"],
+                headers=batch["headers"],
+                serializer="json",
+                **batch["properties"],
+            )
+        view = orc.wait(job.id, timeout=60)
+        assert view.state == "succeeded", stack.logs()
+        assert [(b.state, b.attempts) for b in view.branches] == [("succeeded", 1)] * 2
+        assert [o["state"] for o in view.result] == ["succeeded"] * 2
 
 
 def test_a_paused_worker_loses_its_branch_and_records_nothing_when_it_resumes(tmp_path: Path) -> None:

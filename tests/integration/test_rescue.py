@@ -137,6 +137,21 @@ def test_a_queued_retry_starts_again_only_through_its_own_delivery(store: Store)
     assert store.get(job_id).branches[0].lost_runs == 0  # a retry is not a lost run
 
 
+def test_a_retried_message_takes_its_own_running_branches_back(store: Store) -> None:
+    """Celery retried the message after its run failed on the database before recording anything: the
+    retry's delivery, wherever it lands, takes the branches back at once, and that is no lost run."""
+    job_id, tid = _job(store, 2)
+    assert store.start_branches(job_id, [0, 1], SentAs(tid, TASK, A)).attempts == {0: 1, 1: 1}
+    assert store.start_branches(job_id, [0, 1], SentAs(tid, TASK, B)).attempts == {}  # a duplicate
+    retried = SentAs(tid, TASK, B, retried=True)
+    assert store.start_branches(job_id, [0, 1], retried).attempts == {0: 2, 1: 2}
+    assert store.start_branch(job_id, 0, SentAs(str(uuid.uuid4()), TASK, B, retried=True)).attempts == {}
+    store.finish_branches(job_id, retried, [_done(0, 2), _done(1, 2)])
+    view = store.get(job_id)
+    assert [(b.state, b.lost_runs) for b in view.branches] == [("succeeded", 0)] * 2
+    assert store.start_branches(job_id, [0, 1], retried).attempts == {}  # final: nothing to take
+
+
 def test_heartbeats_keep_runs_and_the_sweep_takes_silent_ones_once(store: Store) -> None:
     job_id, tid = _job(store, 3)
     assert store.start_branches(job_id, [0, 1, 2], SentAs(tid, TASK, A)).attempts == {0: 1, 1: 1, 2: 1}

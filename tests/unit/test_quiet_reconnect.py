@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from orchestrator.app import QuietReconnect
+from orchestrator.reconnect import QuietReconnect
 
 
 def test_a_failed_ack_after_a_connection_loss_is_one_warning(caplog: pytest.LogCaptureFixture) -> None:
