@@ -86,11 +86,13 @@ def _script(*args: str) -> str:
 
 
 @contextmanager
-def worker_hosts(count: int, name: str | None = None) -> Iterator[WorkerHosts]:
-    """`count` hosts for the block, then every process left on them stopped and everything removed."""
+def worker_hosts(count: int, name: str | None = None, ports: Sequence[int] = ()) -> Iterator[WorkerHosts]:
+    """`count` hosts for the block, then every process left on them stopped and everything removed.
+    `ports`: the local ports forwarded to the hosts (default: PostgreSQL's, RabbitMQ's and Redis's)."""
     name = name or f"o{uuid.uuid4().hex[:7]}"
+    forwarded = ["-p", " ".join(map(str, ports))] if ports else []
     try:
-        info = dict(line.split("=", 1) for line in _script("up", "-n", name, str(count)).split())
+        info = dict(line.split("=", 1) for line in _script("up", "-n", name, *forwarded, str(count)).split())
         yield WorkerHosts(name, info["GATEWAY"], tuple(info[f"HOST_{i}"] for i in range(1, count + 1)))
     finally:
         _script("down", "-n", name)  # also after a failed `up`: it is idempotent
