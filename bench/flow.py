@@ -22,7 +22,7 @@ from .systems import worker_env
 #: Sizes per mode: the admission bound and the burst's job count (P12), the bulk jobs (P13).
 SIZES = {
     "smoke": {"bound": 48, "bulk": 60},
-    "quick": {"bound": 160, "bulk": 300},
+    "quick": {"bound": 160, "bulk": 1000},
     "full": {"bound": 400, "bulk": 1000},
 }
 

@@ -11,11 +11,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+
+from tests.harness import poll
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILES = (ROOT / "docker-compose.yml", ROOT / "compose.test.yml")
@@ -27,7 +27,6 @@ SETUP_HINT = (
 #: environment win over --env-file): a container stack under test takes its variables from its env file.
 _COMPOSE_VARIABLES = ("ORCH_", "FLOWER_", "POSTGRES_", "RABBITMQ_", "HOST_", "COMPOSE_", "PYTHON_IMAGE")
 
-T = TypeVar("T")
 Completed = subprocess.CompletedProcess[str]
 
 
@@ -69,18 +68,6 @@ def podman_compose_executable() -> str:
     if found is None:
         raise PodmanMissing('podman-compose is not installed: pip install -e ".[test]"')
     return found
-
-
-def poll(probe: Callable[[], T | None], timeout: float, what: str, detail: Callable[[], str]) -> T:
-    """Call `probe` until it returns something other than None, for at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not seen after {timeout:g}s\n{detail()}")
-        time.sleep(0.25)
 
 
 @dataclass(frozen=True)

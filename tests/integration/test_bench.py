@@ -5,37 +5,25 @@ Only structure and positivity are checked: timing belongs to the harness's own r
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.harness import run_module
+
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = {"P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8"}
 SYSTEMS = {"orchestrator", "celery-redis", "celery-rabbitmq", "celery-redis-gevent", "celery-db", "asyncio"}
 
 
 def run_smoke(out: Path, markdown: Path, timeout: float = 100) -> subprocess.CompletedProcess[str]:
-    """`python -m bench --smoke`; on a hang, SIGTERM lets the harness stop its workers by pid first."""
-    argv = [sys.executable, "-m", "bench", "--smoke", "--out", str(out), "--markdown", str(markdown), "-q"]
-    with subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.communicate(timeout=30)
-            proc.kill()
-            raise
-    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+    """`python -m bench --smoke`."""
+    return run_module(["bench", "--smoke", "--out", str(out), "--markdown", str(markdown), "-q"], timeout, 30)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,8 @@ from orchestrator import Orchestrator, Settings, branch
 from orchestrator.database import alembic_config, get_engine
 from orchestrator.models import Base
 from tests.compose import WORKER_SERVICES, free_port, load_compose
-from tests.podman import ROOT, PodmanMissing, Project, podman_compose_executable, podman_variables, poll
+from tests.harness import poll
+from tests.podman import ROOT, PodmanMissing, Project, podman_compose_executable, podman_variables
 from tests.services import postgres_database, rabbitmq_vhost
 
 # Building the image on a machine whose build cache is cold takes a minute or more before the first test.

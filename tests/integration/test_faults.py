@@ -7,11 +7,8 @@ report, never asserted here.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,10 +18,10 @@ import pytest
 from faults.checker import JobCheck, Mark, Tracked, check_job
 from faults.scenarios import SCENARIOS
 from faults.soak import SoakPlan, parse_duration, rss_growth
+from tests.harness import run_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[2]
 
 #: Where a branch function or aggregator may run to completion twice, and why (by design, and counted in
 #: the report). Everywhere else a second completed run is a defect, unless it ran in a process the fault
@@ -46,18 +43,8 @@ DUPLICATES_BY_DESIGN = {
 
 
 def run_quick(out: Path, timeout: float = 840) -> subprocess.CompletedProcess[str]:
-    """`python -m faults --quick`; on a hang, SIGTERM lets the harness stop its workers and services."""
-    argv = [sys.executable, "-m", "faults", "--quick", "--out", str(out), "-q"]
-    with subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.communicate(timeout=60)
-            proc.kill()
-            raise
-    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+    """`python -m faults --quick`."""
+    return run_module(["faults", "--quick", "--out", str(out), "-q"], timeout)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import ast
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -21,23 +21,10 @@ import pytest
 from orchestrator import Orchestrator, Settings, branch
 from orchestrator.cli.processes import orchestrator_executable
 from tests.compose import FLOWER_SERVICE, WORKER_SERVICES, LocalStack, local_stack
+from tests.harness import poll
 from tests.services import postgres_database, rabbitmq_vhost
 
 pytestmark = pytest.mark.integration
-
-T = TypeVar("T")
-
-
-def poll(probe: Callable[[], T | None], timeout: float, what: str, detail: Callable[[], str]) -> T:
-    """Call `probe` until it returns something other than None, for at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not seen after {timeout:g}s\n{detail()}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
