@@ -514,9 +514,29 @@ def _pg_terminate(ctx: Context, dep: Deployment, number: int, wave: list[Tracked
     return injected
 
 
+#: The rabbitmq-outage round keeps submitting this many jobs a second for this long after the broker is
+#: back, while the workers reconnect.
+STREAM_RATE = 10.0
+STREAM_AFTER = 8.0
+
+
 def _rabbit_outage(ctx: Context, dep: Deployment, number: int, wave: list[Tracked]) -> Injected:
+    """A wave in flight through the outage, then a stream of jobs while the workers reconnect and the
+    wave's branches finish: a worker that stops consuming then (one did in a soak) leaves the stream
+    stuck."""
     submit_wave(ctx, dep, wave, ctx.sizes.wave)
-    return rabbitmq_outage(ctx, dep, _tokens(wave), ctx.sizes.outage_seconds)
+    injected = rabbitmq_outage(ctx, dep, _tokens(wave), ctx.sizes.outage_seconds)
+    streamed = 0
+    while time.time() < injected.ended + STREAM_AFTER:
+        tok = token()
+        tracked = Tracked(tok, None, time.time())
+        spec = job_spec(ctx, tok, io_seconds=(0.05, 0.2), cpu_seconds=0.01)
+        submit_one(dep, spec, tracked, retry_for=10)
+        wave.append(tracked)
+        streamed += 1
+        time.sleep(1 / STREAM_RATE)
+    injected.detail["streamed_jobs"] = streamed
+    return injected
 
 
 def _redis_restart(save: bool) -> Play:

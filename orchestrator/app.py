@@ -82,6 +82,14 @@ def build_app(s: Settings, *, set_as_current: bool = False) -> Celery:
         # finds the branch or fan-in held by a live runner and starts nothing, and the run that
         # finishes records the outcome once. So no pool cancels.
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # After a reconnect Celery lowers the prefetch count and raises it again as tasks finish; on the
+        # threads pool the raise (basic_qos) runs in the pool thread that finished a task while the
+        # event loop sends its own basic_qos on the same channel, and py-amqp channels are not thread
+        # safe: one thread takes the other's reply and the consumer waits for it until the broker's
+        # heartbeat timeout closes the connection (3 minutes without consuming, found by the fault
+        # suite's soak; py-spy showed both threads in Channel.basic_qos). Prefetch is one message per
+        # pool slot already, so there is nothing to lower.
+        worker_enable_prefetch_count_reduction=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options=broker_transport_options(s),
         # celery beat's backend_cleanup prunes results older than this (orchestrator db prune does too).
