@@ -529,7 +529,7 @@ def _rabbit_outage(ctx: Context, dep: Deployment, number: int, wave: list[Tracke
     streamed = 0
     while time.time() < injected.ended + STREAM_AFTER:
         tok = token()
-        tracked = Tracked(tok, None, time.time())
+        tracked = Tracked(tok, None, time.time(), timed=False)  # time to final is the wave's
         spec = job_spec(ctx, tok, io_seconds=(0.05, 0.2), cpu_seconds=0.01)
         submit_one(dep, spec, tracked, retry_for=10)
         wave.append(tracked)
