@@ -1,6 +1,6 @@
 """The fault suite's quick round: one round of every fault of the matrix but the partition (see SUITE) on
-small waves, on private
-PostgreSQL, Redis and RabbitMQ instances and real worker processes (`python -m faults --quick`).
+small waves, on private PostgreSQL, Redis and RabbitMQ instances and real worker processes
+(`python -m faults --quick`).
 
 Every job must end, as expected, with every outcome written once. Time to final is a figure of the
 report, never asserted here.
