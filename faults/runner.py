@@ -8,12 +8,11 @@ SIGTERM still stops every worker (by pid) and every private service, and removes
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,10 +20,9 @@ from typing import Any
 
 from orchestrator.models import FINAL_JOB_STATES
 
-from .checker import Marks, RoundResult, Tracked, check_jobs, tracebacks
+from .checker import RoundResult, Tracked, check_jobs, tracebacks
 from .modes import Sizes
-from .scenarios import Context, Scenario, job_spec, submit_one, token, wait_final
-from .services import Services
+from .scenarios import Context, Scenario, job_spec, private_context, submit_one, token, wait_final
 from .stack import Deployment
 
 SURVIVED = "survived"
@@ -229,15 +227,8 @@ def run(
     advance: Callable[[ScenarioResult, RoundResult], None] = lambda s, r: None,
 ) -> RunResult:
     result = RunResult(sizes=sizes, started_at=datetime.now(UTC), settings=sizes.settings())
-    (run_dir / "marks").mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        services = Services(Path(tempfile.mkdtemp(prefix="faults-services-")))
-        stack.callback(services.stop)
-        say("starting a private PostgreSQL, Redis and RabbitMQ")
-        services.start()
-        result.services = services.versions()
-        ctx = Context(sizes, services, run_dir, Marks(run_dir / "marks"), say)
-        stack.callback(ctx.close)
+    with private_context(sizes, run_dir, say) as ctx:
+        result.services = ctx.services.versions()
         # Scenarios of one deployment run together: each deployment starts once.
         order = sorted(scenarios, key=lambda s: [sc.deployment for sc in scenarios].index(s.deployment))
         for sc in order:

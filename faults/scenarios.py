@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+import tempfile
 import threading
 import time
 import uuid
@@ -95,6 +96,21 @@ class Context:
             _, stack = self._hosts
             self._hosts = None
             stack.close()
+
+
+@contextlib.contextmanager
+def private_context(sizes: Sizes, run_dir: Path, say: Callable[[str], None]) -> Iterator[Context]:
+    """Private PostgreSQL, Redis and RabbitMQ started for the block, and a Context on them; on the way
+    out (an error, Ctrl-C, SIGTERM too) every deployment and service stopped and removed."""
+    (run_dir / "marks").mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        services = Services(Path(tempfile.mkdtemp(prefix="faults-services-")))
+        stack.callback(services.stop)
+        say("starting a private PostgreSQL, Redis and RabbitMQ")
+        services.start()
+        ctx = Context(sizes, services, run_dir, Marks(run_dir / "marks"), say)
+        stack.callback(ctx.close)
+        yield ctx
 
 
 @dataclass

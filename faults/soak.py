@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from typing import Any
 
 from bench.stats import percentile
 
-from .checker import JobCheck, Marks, Tracked, check_jobs
+from .checker import JobCheck, Tracked, check_jobs
 from .modes import Sizes
 from .runner import cancel_unfinished
 from .scenarios import (
@@ -32,6 +31,7 @@ from .scenarios import (
     job_spec,
     kill_and_restart,
     pause,
+    private_context,
     rabbitmq_outage,
     restart_postgres,
     submit_one,
@@ -39,7 +39,6 @@ from .scenarios import (
     token,
     wait_final,
 )
-from .services import Services
 from .stack import RABBITMQ, Deployment
 
 #: RSS growth the soak tolerates, per pool, in percent an hour.
@@ -244,15 +243,9 @@ def run_soak(
     """The soak on the production deployment (PostgreSQL + RabbitMQ); returns the report section."""
     soak = Soak(plan)
     began = datetime.now(UTC)
-    (run_dir / "marks").mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        services = Services(Path(tempfile.mkdtemp(prefix="faults-services-")))
-        stack.callback(services.stop)
-        say("starting a private PostgreSQL, Redis and RabbitMQ")
-        services.start()
-        versions = services.versions()
-        ctx = Context(sizes, services, run_dir, Marks(run_dir / "marks"), say)
-        stack.callback(ctx.close)
+        ctx = stack.enter_context(private_context(sizes, run_dir, say))
+        versions = ctx.services.versions()
         dep = ctx.deployment(RABBITMQ)
         started = time.time()
         threads = [
