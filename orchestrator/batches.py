@@ -73,7 +73,8 @@ class BatchEngine:
         outcome write (or not at all when every branch was already recorded: a redelivery). Branches
         whose worker died too often are recorded failed with the first write, without running."""
         jid = uuid.UUID(job_id)
-        started = store.start_branches(jid, [int(b[0]) for b in branches], sent)
+        message = [int(b[0]) for b in branches]
+        started = store.start_branches(jid, message, sent)
         attempts = started.attempts
         todo = [b for b in branches if b[0] in attempts]
         poisoned = list(started.poisoned)
@@ -81,7 +82,7 @@ class BatchEngine:
             logger.error("branch %s[%d] %s: %s", job_id, finished.index, spec.name, finished.error)
         if not todo:
             if poisoned:
-                store.finish_branches(jid, sent, poisoned, also=also)
+                store.finish_branches(jid, sent, poisoned, also=also, message=message)
             return BatchDone(len(poisoned), len(branches) - len(poisoned))
         if poisoned:
             store.finish_branches(jid, sent, poisoned)
@@ -100,9 +101,10 @@ class BatchEngine:
                 attempt += 1
 
         if len(todo) == 1:  # no hand-over to another thread for a batch of one
-            store.finish_branches(jid, sent, [run(todo[0])], also=also)
+            store.finish_branches(jid, sent, [run(todo[0])], also=also, message=message)
         else:
-            self._run_many(store, jid, sent, [self._executor.submit(run, b) for b in todo], also)
+            futures = [self._executor.submit(run, b) for b in todo]
+            self._run_many(store, jid, sent, message, futures, also)
         return BatchDone(len(todo) + len(poisoned), len(branches) - len(todo) - len(poisoned))
 
     def _run_many(
@@ -110,6 +112,7 @@ class BatchEngine:
         store: Store,
         jid: uuid.UUID,
         sent: SentAs,
+        message: Sequence[int],
         futures: list[Any],
         also: AlsoInTransaction[Any] | None,
     ) -> None:
@@ -123,7 +126,7 @@ class BatchEngine:
             if buffer and flush_by is None:
                 flush_by = time.monotonic() + self.flush_seconds
             if buffer and (not pending or time.monotonic() >= (flush_by or 0.0)):
-                store.finish_branches(jid, sent, buffer, also=None if pending else also)
+                store.finish_branches(jid, sent, buffer, also=None if pending else also, message=message)
                 buffer, flush_by = [], None
 
 

@@ -97,7 +97,8 @@ class Lifeline:
             self.publisher.republish(silent)
         settings = self.runtime.settings
         depths = QueueDepths(self.app)
-        due = rescue.due_jobs(waiting=depths.idle(settings.io_queue) or depths.idle(settings.cpu_queue))
+        idle = [q for q in (settings.io_queue, settings.cpu_queue) if depths.idle(q)]
+        due = rescue.due_jobs(idle_queues=idle)
         if not due:
             return
         fanin = settings.fanin_queue

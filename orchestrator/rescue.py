@@ -20,7 +20,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    Boolean,
     Engine,
     Float,
     Integer,
@@ -73,14 +72,21 @@ _JOB_DUE = and_(
     _UNFINISHED,
     or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < _STALE),
     Job.started_at < _STALE,
-    # Only jobs with something to do: their fan-in or their deadline is due, or (when the caller saw an
-    # idle queue) their queued branches may have lost their messages. A backlog of queued jobs is not
-    # looked at while the queues are busy draining it.
+    # Only jobs with something to do: their fan-in or their deadline is due, or a queued branch of
+    # theirs is in a queue the caller saw idle (its message may be lost). A backlog of queued jobs is
+    # not looked at while its queue is busy draining it, and a job is not taken (and so not put off for
+    # another stall timeout) on the strength of another queue being idle.
     or_(
         Job.state == JobState.AGGREGATING,
         Job.branch_done >= Job.branch_total,
         Job.deadline_at < _STALE,
-        bindparam("waiting", type_=Boolean),
+        select(Branch.index)
+        .where(
+            Branch.job_id == Job.id,
+            Branch.state == BranchState.PENDING,
+            Branch.queue.in_(bindparam("idle_queues", expanding=True)),
+        )
+        .exists(),
     ),
 )
 _DUE = (
@@ -169,13 +175,14 @@ class Rescue:
             rows = conn.execute(_TAKE_SILENT, self._params).all()
             return self._messages(conn, rows)
 
-    def due_jobs(self, *, waiting: bool = True, limit: int = 200) -> list[DueJob]:
+    def due_jobs(self, *, idle_queues: Sequence[str] = (), limit: int = 200) -> list[DueJob]:
         """Unfinished jobs started more than a stall timeout ago and not looked at for as long, at most
         `limit`, each taken for this sweep by renewing its heartbeat (a job aggregating loses its silent
         runner: its fan-in is to be published again). Jobs only waiting for their queued branches are
-        included when `waiting` (the caller saw a queue idle)."""
+        included when one of those branches is in one of `idle_queues` (the caller saw them empty)."""
+        params = {**self._params, "limit": limit, "idle_queues": list(idle_queues)}
         with self.engine.begin() as conn:
-            rows = conn.execute(_DUE, {**self._params, "limit": limit, "waiting": waiting}).all()
+            rows = conn.execute(_DUE, params).all()
         return [
             DueJob(
                 r.id, r.state, r.branch_done >= r.branch_total, r.deadline_at, r.fan_in_timeout, r.priority

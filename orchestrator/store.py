@@ -613,12 +613,16 @@ class Store:
         sent: SentAs,
         outcomes: Sequence[Finished],
         also: AlsoInTransaction[T] | None = None,
+        *,
+        message: Sequence[int] | None = None,
     ) -> T | None:
         """Record a batch's outcomes once, in one transaction; a loser that arrives after a final move (the
         deadline, a cancel) is kept as a late result. `also` runs in the same transaction (the chord count
-        of the batch's message); its value is returned. When some branch of the message is still active
-        (it was taken over by another run of the message: this one was presumed lost), `also` does not run:
-        that run counts the message.
+        of the batch's message, whose branch indexes are `message`; by default just these outcomes'); its
+        value is returned. When some branch of the message is still active (another run of the message
+        took it over: this one was presumed lost), `also` does not run: that run counts the message. The
+        whole message is checked, not only these outcomes: a run whose last write wins or loses its own
+        branches may have lost an earlier one to a run still going.
 
         Lock order, as everywhere: the job row first, then its branch rows (expire, cancel and the fan-in
         claim do the same), so a finish racing the deadline waits instead of deadlocking. The job's
@@ -641,15 +645,22 @@ class Store:
             }
             for o in sorted(outcomes, key=lambda o: o.index)  # one row order too, for two deliveries
         ]
+        written = [o.index for o in outcomes]
         with self.engine.begin() as conn:
             conn.execute(_ADD_DONE, {"job": job_id, "n": len(rows)})
             won = conn.execute(_FINISH_MANY, rows).rowcount
-            if not (conn.dialect.supports_sane_multi_rowcount and won == len(rows)):
+            all_won = conn.dialect.supports_sane_multi_rowcount and won == len(rows)
+            if not all_won:
                 conn.execute(_LATE, rows)
                 conn.execute(_RECOUNT_DONE, {"job": job_id})
-                if self._taken(conn, job_id, [o.index for o in outcomes]):
-                    return None
-            return also(conn) if also is not None else None
+            if also is None:
+                return None
+            # Every outcome won and they are the whole message: nothing of it can be active (the common
+            # case, one statement fewer).
+            others = set(message or ()) - set(written)
+            if (not all_won or others) and self._taken(conn, job_id, sorted(others.union(written))):
+                return None
+            return also(conn)
 
     @staticmethod
     def _taken(conn: Connection, job_id: uuid.UUID, indexes: Sequence[int]) -> bool:

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection
 
+from orchestrator.database import upgrade
 from orchestrator.models import BranchState, JobState
 from orchestrator.rescue import Rescue
 from orchestrator.store import Finished, NewBranch, NewJob, SentAs, Store
+from tests.services import postgres_database
 
 TASK = "jobs.io.sleep"
 # Workers on two other hosts: only their heartbeats tell whether they live.
@@ -86,6 +88,53 @@ def test_a_silent_run_is_taken_over_and_its_late_finish_records_nothing(store: S
     assert counted.ran == 1
     branch = store.get(job_id).branches[0]
     assert (branch.state, branch.attempts, branch.result) == ("succeeded", 2, 0)
+
+
+def test_a_silent_runs_last_write_does_not_count_its_message_while_the_taker_runs_a_sibling(
+    store: Store,
+) -> None:
+    """The partition race the fault suite found: a batch's run, cut off past the stall timeout, loses
+    both branches to the message's next run; the taker writes one of them, and the healed run's last write
+    (the other branch, lost) must not count the message while the taker still runs the first. Counting
+    it would complete the chord and run the fan-in with a branch still running."""
+    job_id, tid = _job(store, 2)
+    paused, taker = SentAs(tid, TASK, A), SentAs(tid, TASK, B)
+    assert store.start_branches(job_id, [0, 1], paused).attempts == {0: 1, 1: 1}
+    time.sleep(STALL + 0.2)
+    assert store.start_branches(job_id, [0, 1], taker).attempts == {0: 2, 1: 2}
+    store.finish_branches(job_id, taker, [_done(1, 2)], message=[0, 1])
+
+    counted = Counted()
+    store.finish_branches(job_id, paused, [_done(0, 1)], message=[0, 1])
+    store.finish_branches(job_id, paused, [_done(1, 1)], also=counted, message=[0, 1])
+    assert counted.ran == 0
+    assert store.still_active(job_id, [0, 1])
+
+    store.finish_branches(job_id, taker, [_done(0, 2)], also=counted, message=[0, 1])
+    assert counted.ran == 1
+    assert [(b.state, b.attempts) for b in store.get(job_id).branches] == [("succeeded", 2), ("succeeded", 2)]
+
+
+def test_a_poisoned_branch_does_not_count_its_message_while_a_live_run_holds_a_sibling(store: Store) -> None:
+    """A delivery that only records a branch that died too often must leave the message's count to the
+    live run that still holds its sibling."""
+    job_id, tid = _job(store, 2)
+    reason = "Worker exited prematurely: signal 9 (SIGKILL) Job: 3."
+    for run in range(1, 4):
+        assert store.start_branches(job_id, [0], SentAs(tid, TASK, f"{A}{run}")).attempts == {0: run}
+        store.mark_lost(job_id, [0], tid, reason)
+    live = SentAs(tid, TASK, B)
+    assert store.start_branches(job_id, [1], live).attempts == {1: 1}
+
+    again = SentAs(tid, TASK, f"{socket.gethostname()}-c:303:cccc")
+    started = store.start_branches(job_id, [0, 1], again)
+    assert started.attempts == {} and [p.index for p in started.poisoned] == [0]
+    counted = Counted()
+    store.finish_branches(job_id, again, started.poisoned, also=counted, message=[0, 1])
+    assert counted.ran == 0 and store.get(job_id).branches[0].state == "failed"
+
+    store.finish_branches(job_id, live, [_done(1, 1)], also=counted, message=[0, 1])
+    assert counted.ran == 1
 
 
 def test_a_run_marked_lost_is_taken_at_once_and_too_many_losses_fail_it(store: Store) -> None:
@@ -186,12 +235,14 @@ def test_the_sweep_finds_fan_ins_that_never_ran_and_aggregations_that_were_lost(
     store.finish_branch(job_id, SentAs(tid, TASK, A), _done(0, 1))
     rescue = Rescue(store.engine, STALL)
     time.sleep(STALL + 0.2)
-    (complete,) = rescue.due_jobs(waiting=False)  # the queues are busy: a queued job is not looked at
+    (complete,) = rescue.due_jobs()  # the queues are busy: a queued job is not looked at
     assert (complete.id, complete.complete, complete.state) == (job_id, True, "running")  # no fan-in came
-    (waiting,) = rescue.due_jobs()  # a queue is idle: are the queued branches' messages gone?
+    # Another queue idle: not taken either, so not put off for a stall timeout while io drains.
+    assert rescue.due_jobs(idle_queues=["cpu"]) == []
+    (waiting,) = rescue.due_jobs(idle_queues=["io"])  # its queue is idle: is the branch's message gone?
     assert (waiting.id, waiting.complete) == (queued, False)
     assert [m.branches for m in rescue.queued_branches([queued])] == [[[0, [0.1], {}]]]
-    assert rescue.due_jobs() == []  # each looked at: not again before another stall timeout
+    assert rescue.due_jobs(idle_queues=["io"]) == []  # each looked at: not again before a stall timeout
 
     claim = store.claim_fan_in(job_id, A)
     assert claim is not None
@@ -252,3 +303,51 @@ def test_racing_takeovers_of_one_silent_branch_have_one_winner(store: Store) -> 
     time.sleep(STALL + 0.2)
     starts = _runs_in(8, lambda: store.start_branch(job_id, 0, SentAs(tid, TASK, B)).attempts)
     assert sorted(map(len, starts)) == [0] * 7 + [1]
+
+
+PAUSED_MID_TRANSACTION = """
+import os, signal, sys, uuid
+from sqlalchemy import update
+from orchestrator import database
+from orchestrator.database import ConnectionOptions
+from orchestrator.models import Job
+
+url, job = sys.argv[1], uuid.UUID(sys.argv[2])
+database.set_options(url, ConnectionOptions(idle_in_transaction_timeout=float(sys.argv[3])))
+with database.get_engine(url).begin() as conn:
+    conn.execute(update(Job).where(Job.id == job).values(branch_done=Job.branch_done))  # the row's lock
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)  # paused mid-transaction, as the fault suite's SIGSTOP does
+"""
+
+
+def test_a_process_paused_mid_transaction_does_not_hold_its_jobs_row_past_the_idle_timeout() -> None:
+    """A worker paused (SIGSTOP) inside one of our transactions held the job's row lock, and with it every
+    other run's finish and every rescue sweep of that job, for its whole pause. PostgreSQL now ends such
+    a session (idle_in_transaction_session_timeout, set at connect), which frees the row."""
+    with postgres_database() as url:
+        upgrade(url)
+        store = Store(url, stall_timeout=STALL)
+        job_id, tid = _job(store)
+        sent = SentAs(tid, TASK, B)
+        assert store.start_branch(job_id, 0, sent).attempts == {0: 1}
+        paused = subprocess.Popen(
+            [sys.executable, "-c", PAUSED_MID_TRANSACTION, url, str(job_id), "1.0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert paused.stdout is not None and paused.stdout.readline().strip() == "locked"
+            finished = threading.Event()
+
+            def finish() -> None:
+                store.finish_branch(job_id, sent, _done(0, 1))
+                finished.set()
+
+            threading.Thread(target=finish, daemon=True).start()
+            # Ended by the server after 1 s idle; with the session kept, this waits for the paused process.
+            assert finished.wait(30), "the paused process's transaction still holds the job's row"
+            assert store.get(job_id).branches[0].state == "succeeded"
+        finally:
+            paused.kill()
+            paused.wait()
