@@ -116,6 +116,7 @@ pool_mode = {pool_mode}
 default_pool_size = {pool_size}
 max_client_conn = 2000
 ignore_startup_parameters = extra_float_digits
+idle_transaction_timeout = 10
 logfile = {directory / "pgbouncer.log"}
 """
 

@@ -137,6 +137,13 @@ DEFAULT_MAX_OVERFLOW = 20
 #: firewall, it is replaced instead of failing the transaction). A connection back from a transaction a
 #: moment ago is not: on the hot path a ping is one more round trip per transaction.
 DEFAULT_PING_AFTER = 10.0
+#: How long PostgreSQL lets one of our sessions sit idle inside a transaction before it ends the session.
+#: Every transaction here is a few statements with nothing in between; a session idle inside one belongs
+#: to a process that was paused (SIGSTOP, a frozen VM) or cut off mid-transaction, and the row locks it
+#: holds (a job row: every finish, claim and rescue sweep of that job waits on it) would otherwise last
+#: until it resumes. The fault suite found a paused io pool holding a job's row this way for its whole
+#: 60 s pause. Behind a transaction pooler PgBouncer's own idle_transaction_timeout does this.
+DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,9 @@ class ConnectionOptions:
     # Where to LISTEN for final job moves: None for this URL itself, unless `can_listen` is False.
     listen_url: str | None = None
     can_listen: bool = True  # False: a transaction pooler and no direct URL; waits poll
+    # Seconds a session may sit idle inside a transaction before PostgreSQL ends it; None: not set (a
+    # pooler refuses the startup option; PgBouncer's idle_transaction_timeout is its equivalent).
+    idle_in_transaction_timeout: float | None = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionOptions:
@@ -164,6 +174,7 @@ class ConnectionOptions:
             prepared_statements=not pooled,
             listen_url=settings.listen_database_url,
             can_listen=settings.listen_database_url is not None or not pooled,
+            idle_in_transaction_timeout=None if pooled else DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
         )
 
 
@@ -236,6 +247,12 @@ def _postgres_engine(url: str, opts: ConnectionOptions) -> Engine:
     # closed on return, so each transaction past pool_size would pay for a new PostgreSQL connection
     # (measured: +60 ms per io branch with 8 threads at 5). `orchestrator worker` sizes them per pool.
     connect_args: dict[str, Any] = {} if opts.prepared_statements else {"prepare_threshold": None}
+    if opts.idle_in_transaction_timeout is not None:
+        # A startup option, so it costs no round trip; before the URL's own options, which win.
+        given = make_url(url).query.get("options", "")
+        ms = max(1, round(opts.idle_in_transaction_timeout * 1000))
+        own = f"-c idle_in_transaction_session_timeout={ms}"
+        connect_args["options"] = f"{own} {given if isinstance(given, str) else ' '.join(given)}".strip()
     engine = create_engine(
         url,
         pool_size=opts.pool_size,

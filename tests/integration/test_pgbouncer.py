@@ -5,6 +5,7 @@ The core job tests and the SQL backend's exactly-once tests also run through it 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import uuid
 from collections.abc import Iterator
@@ -60,8 +61,10 @@ def test_prepared_statements_break_through_transaction_pooling_unless_turned_off
 ) -> None:
     pooled = pgbouncer.url(direct_url)
     prepared, unprepared = f"{pooled}?application_name=prepared", f"{pooled}?application_name=unprepared"
-    database.set_options(prepared, database.ConnectionOptions(prepared_statements=True))
-    database.set_options(unprepared, database.ConnectionOptions(prepared_statements=False))
+    # No startup options through the pooler (it refuses them), as ORCH_DB_POOLER=transaction sets.
+    through = database.ConnectionOptions(idle_in_transaction_timeout=None)
+    database.set_options(prepared, dataclasses.replace(through, prepared_statements=True))
+    database.set_options(unprepared, dataclasses.replace(through, prepared_statements=False))
     # psycopg prepares a statement after its fifth execution on a connection; PgBouncer then runs the
     # next transaction on a server connection that never saw it.
     with pytest.raises(DBAPIError, match=r"prepared statement .* does not exist"):
@@ -69,7 +72,8 @@ def test_prepared_statements_break_through_transaction_pooling_unless_turned_off
     _statements_on_two_server_connections(unprepared)
     # What ORCH_DB_POOLER=transaction sets for the deployment's URL.
     settings = Settings.from_env({"ORCH_DATABASE_URL": pooled, "ORCH_DB_POOLER": "transaction"})
-    assert not database.ConnectionOptions.from_settings(settings).prepared_statements
+    pooled_options = database.ConnectionOptions.from_settings(settings)
+    assert not pooled_options.prepared_statements and pooled_options.idle_in_transaction_timeout is None
 
 
 def _finalize_soon(store: Store, job_id: uuid.UUID, ready: threading.Event) -> threading.Thread:
@@ -143,6 +147,7 @@ def test_the_async_client_listens_on_the_direct_url(
     settings = Settings.from_env(
         {**base_env(tmp_path), "ORCH_BROKER_URL": "memory://", **pgbouncer_env(pgbouncer, direct_url)}
     )
+    database.configure(settings)  # a program with its own Settings says how to connect (docs/scaling.md)
     store = Store(settings.database_url)
 
     async def wait_for_a_job_finished_elsewhere() -> str:
