@@ -201,7 +201,7 @@ _JOB_ROW = select(Job.__table__).where(Job.id == _JOB)
 _JOB_STATE = select(Job.state).where(Job.id == _JOB)
 
 
-def _claim(*where: Any) -> Any:
+def _claim(*where: Any, lost: bool = True) -> Any:
     return (
         update(Job)
         .where(Job.id == _JOB, *where)
@@ -211,7 +211,9 @@ def _claim(*where: Any) -> Any:
             runner=_RUNNER,
             heartbeat_at=db_now(),
             # From aggregating (the old state): the fan-in takes over a run lost with its worker.
-            lost_runs=Job.lost_runs + case((Job.state == JobState.AGGREGATING, 1), else_=0),
+            lost_runs=Job.lost_runs + case((Job.state == JobState.AGGREGATING, 1), else_=0)
+            if lost
+            else Job.lost_runs,
         )
         .returning(Job.fan_in, Job.min_success, Job.fan_in_timeout, Job.lost_runs, Job.error)
     )
@@ -231,6 +233,9 @@ _CLAIM_OR_TAKE = _claim(
     )
 )
 _CLAIM_LOST = _claim(Job.state == JobState.AGGREGATING, Job.runner == bindparam("lost_runner"))
+# A fan-in retried after a database error takes back the claim its earlier run committed; that run ended
+# with the error, it was not lost with its process.
+_CLAIM_OWN = _claim(Job.state == JobState.AGGREGATING, Job.runner == _RUNNER, lost=False)
 _AGGREGATED_BY = select(Job.runner).where(Job.id == _JOB, Job.state == JobState.AGGREGATING)
 _FINALIZE = (
     update(Job)
@@ -705,16 +710,21 @@ class Store:
 
     # --- fan-in ------------------------------------------------------------------------------------
 
-    def claim_fan_in(self, job_id: uuid.UUID, runner: str | None = None) -> FanInClaim | None:
+    def claim_fan_in(
+        self, job_id: uuid.UUID, runner: str | None = None, *, retried: bool = False
+    ) -> FanInClaim | None:
         """running -> aggregating for `runner`, with the outcomes to aggregate. A job still `pending` is
         claimable too: its chord ran, so it was published. A job whose aggregation was lost with its
         worker is taken over (see `_CLAIM_OR_TAKE`, and start_branches for a runner gone from this host);
         after more than ORCH_MAX_DELIVERIES such losses the claim carries `lost`, and the job must end
-        failed without aggregating."""
+        failed without aggregating. A `retried` fan-in (Celery's retry after a database error) takes back
+        the claim its earlier run made for the same runner."""
         runner = runner or this_process()
         params = {"job": job_id, "b_runner": runner, "stall": self.stall_timeout}
         with self.engine.begin() as conn:
             row = conn.execute(_CLAIM_OR_TAKE, params).one_or_none()
+            if row is None and retried:
+                row = conn.execute(_CLAIM_OWN, params).one_or_none()
             me = Runner.parse(runner)
             if row is None and me is not None:
                 holder = Runner.parse(conn.execute(_AGGREGATED_BY, params).scalar_one_or_none())

@@ -290,21 +290,29 @@ def register(app: Celery, settings: Settings) -> Runtime:
     # ignore_result: the job row holds the aggregate; storing the task's own return would be one more write.
     lost_aware = {"Request": runtime.request_class}
 
-    @app.task(name=FAN_IN, bind=True, typing=False, ignore_result=True, shared=False, **lost_aware)
+    # A database error (PostgreSQL restarting, a connection cut) retries the fan-in and the deadline
+    # like a branch task, instead of leaving the job to the rescuer's sweep a stall timeout later.
+    retried_on_errors = {**lost_aware, **RETRY_ON_DATABASE_ERRORS}
+
+    @app.task(name=FAN_IN, bind=True, typing=False, ignore_result=True, shared=False, **retried_on_errors)
     def fan_in(self: Task, _header: Any, job_id: str) -> dict[str, Any]:
         """The chord body: aggregate the outcomes recorded in SQL (the header's return values are ignored)."""
         jid = uuid.UUID(job_id)
-        claim = store.claim_fan_in(jid, runtime.runner)
+        claim = store.claim_fan_in(jid, runtime.runner, retried=bool(self.request.retries))
         if claim is None:
             return {"job": job_id, "skipped": "job is not running, or another fan-in holds it"}
         return {"job": job_id, "state": _finalize(runtime, jid, claim).value}
 
-    @app.task(name=DEADLINE, bind=True, typing=False, ignore_result=True, shared=False, **lost_aware)
+    @app.task(name=DEADLINE, bind=True, typing=False, ignore_result=True, shared=False, **retried_on_errors)
     def deadline(self: Task, job_id: str) -> dict[str, Any]:
         """Published with an ETA at the job's deadline: time out what is unfinished and run the fan-in now."""
         jid = uuid.UUID(job_id)
         expired = store.expire(jid, runtime.runner)
         if expired is None:
+            # A retry whose earlier run expired the job and then failed: finish its aggregation.
+            own = store.claim_fan_in(jid, runtime.runner, retried=True) if self.request.retries else None
+            if own is not None:
+                return {"job": job_id, "state": _finalize(runtime, jid, own).value}
             return {"job": job_id, "skipped": "job already final"}
         claim, stopped = expired
         try:

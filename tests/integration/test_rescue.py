@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 
 from orchestrator.database import upgrade
-from orchestrator.models import BranchState, JobState
+from orchestrator.models import BranchState, Job, JobState
 from orchestrator.rescue import Rescue
 from orchestrator.store import Finished, NewBranch, NewJob, SentAs, Store
 from tests.services import postgres_database
@@ -256,6 +256,26 @@ def test_the_sweep_finds_fan_ins_that_never_ran_and_aggregations_that_were_lost(
     assert store.finalize(job_id, JobState.SUCCEEDED, "from B", None, B)
     view = store.get(job_id)
     assert (view.state, view.result) == ("succeeded", "from B")
+
+
+def test_a_fan_in_retried_after_a_database_error_takes_back_its_own_claim(store: Store) -> None:
+    """A fan-in whose run claimed the job and then failed on the database (PostgreSQL restarting) is
+    retried by Celery: the retry takes its own claim back at once, without counting a lost run, where it
+    used to find the job held and leave it to the sweep a stall timeout later. No other runner may."""
+    job_id, tid = _job(store)
+    store.start_branch(job_id, 0, SentAs(tid, TASK, A))
+    store.finish_branch(job_id, SentAs(tid, TASK, A), _done(0, 1))
+    assert store.claim_fan_in(job_id, A) is not None
+    assert store.claim_fan_in(job_id, A) is None  # a duplicate delivery while A aggregates: nothing
+    assert store.claim_fan_in(job_id, B, retried=True) is None  # not B's claim
+    again = store.claim_fan_in(job_id, A, retried=True)
+    assert again is not None and again.lost is None and [o.state for o in again.outcomes] == ["succeeded"]
+    assert store.finalize(job_id, JobState.SUCCEEDED, "once", None, A)
+    view = store.get(job_id)
+    assert (view.state, view.result) == ("succeeded", "once")
+    with store.engine.connect() as conn:
+        assert conn.execute(select(Job.lost_runs).where(Job.id == job_id)).scalar_one() == 0
+    assert store.claim_fan_in(job_id, A, retried=True) is None  # final: nothing to take back
 
 
 def test_a_fan_in_lost_too_often_fails_the_job(store: Store) -> None:
