@@ -98,6 +98,8 @@ def build_app(s: Settings, *, set_as_current: bool = False) -> Celery:
         # Celery's default (120 s, and RabbitMQ's own 60 s) is longer than the stall timeout. The
         # worker's event loop sends the beats, so a busy pool does not miss them.
         broker_heartbeat=10,
+        # Back within 2 s of the broker's return (Celery would wait up to 30 s between attempts).
+        worker_consumer="orchestrator.reconnect:Consumer",
         broker_connection_retry_on_startup=True,
         broker_transport_options=broker_transport_options(s),
         # celery beat's backend_cleanup prunes results older than this (orchestrator db prune does too).
