@@ -90,14 +90,6 @@ def build_app(s: Settings, *, set_as_current: bool = False) -> Celery:
         # suite's soak; py-spy showed both threads in Channel.basic_qos). Prefetch is one message per
         # pool slot already, so there is nothing to lower.
         worker_enable_prefetch_count_reduction=False,
-        # RabbitMQ keeps handing messages to a consumer whose connection it believes alive: a paused
-        # (SIGSTOP) or cut-off worker with free prefetch slots takes half of what the rescuer publishes
-        # again and sits on it until it resumes (60 s in the fault suite). The AMQP heartbeat is how the
-        # broker learns it is gone: at 10 s it closes the connection after about 20 s of silence and
-        # requeues its messages, before the stall timeout (30 s) has the rescuer publish them again.
-        # Celery's default (120 s, and RabbitMQ's own 60 s) is longer than the stall timeout. The
-        # worker's event loop sends the beats, so a busy pool does not miss them.
-        broker_heartbeat=10,
         # Back within 2 s of the broker's return (Celery would wait up to 30 s between attempts).
         worker_consumer="orchestrator.reconnect:Consumer",
         broker_connection_retry_on_startup=True,

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from celery import signals
@@ -127,18 +125,6 @@ def test_a_duplicate_delivery_of_a_running_message_does_not_end_the_job_early(tm
         assert [o["state"] for o in view.result] == ["succeeded"] * 2
 
 
-def _io_consumers(vhost: str) -> int:
-    """Consumers of the io queue RabbitMQ counts in `vhost`."""
-    listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_consumers", "-p", vhost, "queue_name"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return sum(1 for line in listed.stdout.splitlines() if line.strip() == "io")
-
-
 def test_a_paused_worker_loses_its_branch_and_records_nothing_when_it_resumes(tmp_path: Path) -> None:
     with _stack(tmp_path, "postgres-rabbitmq", ORCH_STALL_TIMEOUT=STALL) as stack:
         orc = stack.orc
@@ -148,17 +134,9 @@ def test_a_paused_worker_loses_its_branch_and_records_nothing_when_it_resumes(tm
         other = start_worker("io", env=stack.env, log_dir=stack.home / "logs", concurrency=POOL_SIZES["io"])
         try:
             other.wait_ready(60)
-            vhost = urlsplit(stack.env["ORCH_BROKER_URL"]).path.lstrip("/")
-            assert _io_consumers(vhost) == 2
             os.kill(paused.pid, signal.SIGSTOP)
             try:
                 view = orc.wait(job.id, timeout=60)
-                # The broker lets the paused worker go (its AMQP heartbeat stopped), so it hands it
-                # nothing more to sit on; with Celery's default heartbeat this takes minutes.
-                gone_by = time.monotonic() + 45
-                while _io_consumers(vhost) > 1:
-                    assert time.monotonic() < gone_by, "RabbitMQ still counts the paused worker a consumer"
-                    time.sleep(1)
             finally:
                 os.kill(paused.pid, signal.SIGCONT)
             assert view.state == "succeeded", stack.logs() + other.log()
