@@ -141,6 +141,7 @@ class WorkerProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
     _log: IO[bytes] = field(repr=False)
+    _terminated: bool = field(default=False, repr=False)
 
     @property
     def pid(self) -> int:
@@ -175,8 +176,11 @@ class WorkerProcess:
         self.wait_for_log(" ready.", timeout)
 
     def terminate(self) -> None:
-        """Ask for a warm shutdown (SIGTERM, as `docker stop` sends): running tasks finish."""
-        if self.process.poll() is None:
+        """Ask for a warm shutdown (SIGTERM, as `docker stop` sends): running tasks finish. Once only: a
+        second SIGTERM that lands while the worker's interpreter is exiting (Python has put the default
+        handler back by then) kills it with -15 instead of the clean exit it was making."""
+        if not self._terminated and self.process.poll() is None:
+            self._terminated = True
             self.process.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 15.0) -> int | None:
