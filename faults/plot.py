@@ -39,18 +39,18 @@ def render_soak(soak: dict[str, Any], path: Path) -> None:
             ha="right",
             color="darkred",
         )
-    for role in sorted({s["role"] for s in soak["rss_samples"]}):
-        for pid in sorted({s["pid"] for s in soak["rss_samples"] if s["role"] == role}):
-            points = [s for s in soak["rss_samples"] if s["role"] == role and s["pid"] == pid]
-            first = pid == min(s["pid"] for s in soak["rss_samples"] if s["role"] == role)
+    for role in sorted({s["role"] for s in soak["memory_samples"]}):
+        for pid in sorted({s["pid"] for s in soak["memory_samples"] if s["role"] == role}):
+            points = [s for s in soak["memory_samples"] if s["role"] == role and s["pid"] == pid]
+            first = pid == min(s["pid"] for s in soak["memory_samples"] if s["role"] == role)
             mem.plot(
                 [p["at_s"] / 60 for p in points],
-                [p["rss"] / 2**20 for p in points],
+                [p["pss"] / 2**20 for p in points],
                 color=COLOURS.get(role, "C3"),
                 label=role if first else None,
                 linewidth=1.2,
             )
-    mem.set_ylabel("pool RSS (MiB, the worker and its children)")
+    mem.set_ylabel("pool memory (MiB of PSS, the worker and its children)")
     mem.legend(fontsize=8, loc="upper left")
     mem.grid(alpha=0.3)
     windows = soak["latency_windows"]

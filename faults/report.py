@@ -294,7 +294,7 @@ def render_soak(soak: dict[str, Any]) -> list[str]:
         *[f"| {f['at_s']:.0f} | {f['scenario']} | {f['duration_s']:.1f} |" for f in soak["faults"]],
     ]
     if soak.get("plot"):
-        lines += ["", f"![RSS and p99 over time]({soak['plot']})"]
+        lines += ["", f"![Resident memory and p99 over time]({soak['plot']})"]
     return lines
 
 

@@ -1,7 +1,8 @@
 """`python -m faults --soak 30m`: jobs at a steady rate for a long time, a random fault from the matrix
 every few minutes, each pool's resident memory sampled, and every job checked at the end.
 
-Targets (the issue's): 0 lost, 0 stuck, RSS growth under 10 %/h per pool, and the job latency p99 outside
+Targets (the issue's): 0 lost, 0 stuck, RSS growth under 10 %/h per pool (resident memory
+measured as PSS, so a prefork pool's shared pages count once), and the job latency p99 outside
 fault windows within 2x the baseline (the p99 before the first fault).
 """
 
@@ -41,7 +42,7 @@ from .scenarios import (
 )
 from .stack import RABBITMQ, Deployment
 
-#: RSS growth the soak tolerates, per pool, in percent an hour.
+#: Resident memory (PSS) growth the soak tolerates, per pool, in percent an hour.
 RSS_GROWTH_TARGET = 10.0
 #: How much worse than the baseline the p99 outside fault windows may be.
 P99_TARGET = 2.0
@@ -64,7 +65,7 @@ class SoakPlan:
     baseline: float  # seconds before the first fault: the baseline p99 is measured here
     window: float  # latency p99 per window of this many seconds (by job creation)
     settle: float  # a fault's window lasts this long after it is over
-    sample_every: float  # RSS sampling interval
+    sample_every: float  # memory sampling interval
 
     @classmethod
     def for_duration(cls, duration: float, rate: float, fault_every: float | None) -> SoakPlan:
@@ -124,13 +125,13 @@ SOAK_FAULTS: dict[str, Inject] = {
 
 @dataclass
 class Soak:
-    """The running soak: the jobs submitted, the faults injected, the RSS samples."""
+    """The running soak: the jobs submitted, the faults injected, the memory samples."""
 
     plan: SoakPlan
     rng: random.Random = field(default_factory=lambda: random.Random(6))
     tracked: list[Tracked] = field(default_factory=list)
     faults: list[dict[str, Any]] = field(default_factory=list)
-    rss: list[dict[str, Any]] = field(default_factory=list)
+    memory: list[dict[str, Any]] = field(default_factory=list)
     hit_pids: set[int] = field(default_factory=set)
     pool_exits: list[dict[str, Any]] = field(default_factory=list)  # pools that exited on their own
     behind: int = 0  # ticks where the submitter fell more than a second behind the rate
@@ -162,24 +163,25 @@ class Soak:
     def sampler(self, dep: Deployment, started: float) -> None:
         while not self._stop.wait(self.plan.sample_every):
             at = time.time() - started
-            for role, (pid, rss) in dep.rss().items():
+            for role, (pid, pss, threads) in dep.memory().items():
                 if not role.endswith("-2"):  # standbys come and go with the SIGSTOP fault
-                    self.rss.append({"at_s": round(at, 1), "role": role, "pid": pid, "rss": rss})
+                    sample = {"at_s": round(at, 1), "role": role, "pid": pid, "pss": pss, "threads": threads}
+                    self.memory.append(sample)
 
     def stop(self) -> None:
         self._stop.set()
 
 
-def rss_growth(samples: Sequence[dict[str, Any]], min_span: float) -> dict[str, Any]:
-    """Per pool, the fastest RSS growth (%/h) of any incarnation (pid) that lived at least `min_span`
-    seconds: the median of its last third against the median of its first third, its first fifth left out
-    as warm-up. Medians, not a fitted line: prefork children that die and are replaced (a poison branch)
-    dip the sum for a moment, which is not a trend."""
+def memory_growth(samples: Sequence[dict[str, Any]], min_span: float) -> dict[str, Any]:
+    """Per pool, the fastest resident memory (PSS) growth (%/h) of any incarnation (pid) that lived at
+    least `min_span` seconds: the median of its last third against the median of its first third, its
+    first fifth left out as warm-up. Medians, not a fitted line: prefork children that die and are
+    replaced (a poison branch) dip the sum for a moment, which is not a trend."""
     out: dict[str, Any] = {}
     for role in sorted({s["role"] for s in samples}):
         best: float | None = None
         for pid in {s["pid"] for s in samples if s["role"] == role}:
-            points = [(s["at_s"], s["rss"]) for s in samples if s["role"] == role and s["pid"] == pid]
+            points = [(s["at_s"], s["pss"]) for s in samples if s["role"] == role and s["pid"] == pid]
             if len(points) < 6 or points[-1][0] - points[0][0] < min_span:
                 continue
             skip = points[0][0] + (points[-1][0] - points[0][0]) / 5
@@ -323,7 +325,7 @@ def summarize(
     finished = [c.finished_at for c in checks if c.finished_at is not None]
     in_load = len([f for f in finished if f <= load_end])
     drain = max(finished) - load_end if finished else None
-    growth = rss_growth(soak.rss, min_span=max(30.0, plan.duration / 4))
+    growth = memory_growth(soak.memory, min_span=max(30.0, plan.duration / 4))
     lost = sum(c.lost is not None for c in checks)
     stuck = sum(not c.final and c.lost is None for c in checks)
     calm = [w["p99_outside_faults_s"] for w in windows if w["p99_outside_faults_s"] is not None]
@@ -335,7 +337,7 @@ def summarize(
         {"target": "0 lost", "measured": str(lost), "met": lost == 0},
         {"target": "0 stuck", "measured": str(stuck), "met": stuck == 0},
         {
-            "target": f"RSS growth < {RSS_GROWTH_TARGET:g} %/h per pool",
+            "target": f"RSS (PSS) growth < {RSS_GROWTH_TARGET:g} %/h per pool",
             "measured": growth_text or "no pool lived long enough",
             "met": worst_growth is not None and worst_growth < RSS_GROWTH_TARGET,
         },
@@ -373,9 +375,9 @@ def summarize(
             if c.lost or c.wrong or not c.final
         ][:10],
         "baseline_p99_s": baseline,
-        "rss_growth_pct_per_hour": growth,
+        "memory_growth_pct_per_hour": growth,
         "targets": targets,
         "faults": soak.faults,
         "latency_windows": windows,
-        "rss_samples": soak.rss,
+        "memory_samples": soak.memory,
     }

@@ -9,6 +9,7 @@ never older than that, and lost work waits at most about one stall timeout and a
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -109,9 +110,27 @@ class Lifeline:
                 waiting.append(job.id)
             elif action:
                 logger.warning("rescue: job %s: %s", job.id, action)
-        lost = [m for m in rescue.queued_branches(waiting) if depths.idle(m.queue)]
+        self._publish_queued(waiting, depths, "their messages were lost")
+
+    def after_reconnect(self, lost_at: float) -> None:
+        """Publish again the queued branches of jobs the broker connection lost at `lost_at` (monotonic)
+        may have stranded, without waiting a stall timeout (`reconnect.Consumer` calls it once it is
+        connected again)."""
+        try:
+            settings = self.runtime.settings
+            depths = QueueDepths(self.app)
+            idle = [q for q in (settings.io_queue, settings.cpu_queue) if depths.idle(q)]
+            if idle:
+                since = time.monotonic() - lost_at
+                stranded = self.rescue.stranded_jobs(since, idle_queues=idle)
+                self._publish_queued(stranded, depths, "the broker connection was lost with their messages")
+        except Exception as exc:  # the broker or database away again: the regular sweep is still due
+            logger.warning("rescue: the sweep after a reconnect failed: %s", exc)
+
+    def _publish_queued(self, job_ids: list[uuid.UUID], depths: QueueDepths, why: str) -> None:
+        lost = [m for m in self.rescue.queued_branches(job_ids) if depths.idle(m.queue)]
         if lost:
-            logger.warning("rescue: publishing %s again (their messages were lost)", _describe(lost))
+            logger.warning("rescue: publishing %s again (%s)", _describe(lost), why)
             self.publisher.republish(lost)
 
     def _act(self, job: DueJob, depths: QueueDepths, fanin: str) -> str | None:
@@ -158,6 +177,9 @@ def lifeline_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
                 # The io batch engine's running slots follow the pool: an autoscaled pool may grow to this.
                 runtime.pool_size = int(worker.max_concurrency)
             lifeline = Lifeline(worker.app, runtime)
+            consumer = getattr(worker, "consumer", None)
+            if consumer is not None and hasattr(consumer, "on_reconnect"):  # `reconnect.Consumer`
+                consumer.on_reconnect = lifeline.after_reconnect
             interval = tick_seconds(runtime.settings.stall_timeout)
             self.tref = worker.timer.call_repeatedly(interval, lifeline.tick, priority=10)
 

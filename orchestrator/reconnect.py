@@ -6,6 +6,8 @@ worker's entry point), and a worker back soon after its broker (the app's `worke
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -66,10 +68,30 @@ def survive_redis_restarts() -> None:
 RECONNECT_INTERVALS: dict[str, float] = {"interval_start": 0.5, "interval_step": 0.5, "interval_max": 2.0}
 
 
+#: Seconds after a reconnect at which the worker looks for jobs the lost connection stranded: once the
+#: consumer has had a moment to resume, and again once a queue refilled by the broker may have drained.
+STRANDED_SWEEPS = (1.0, 4.0)
+
+
 class Consumer(CeleryConsumer):  # type: ignore[misc]
-    """Celery's worker consumer, reconnecting within 2 s of the broker's return (`worker_consumer`).
-    Hand-written because Celery passes kombu no intervals and has no setting for them."""
+    """Celery's worker consumer, reconnecting within 2 s of the broker's return (`worker_consumer`), and
+    telling `on_reconnect` (the lifeline's, set by its bootstep) when the connection lost at a moment
+    (monotonic) is back. Hand-written because Celery passes kombu no intervals and has no setting for
+    them, and has no hook for a reconnect."""
+
+    on_reconnect: Callable[[float], None] | None = None
+    _lost_at: float | None = None
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
+        super().on_connection_error_after_connected(exc)
 
     def ensure_connected(self, conn: Any) -> Any:
         conn.ensure_connection = partial(conn.ensure_connection, **RECONNECT_INTERVALS)
-        return super().ensure_connected(conn)
+        connected = super().ensure_connected(conn)
+        lost_at, self._lost_at = self._lost_at, None
+        if lost_at is not None and self.on_reconnect is not None:
+            for delay in STRANDED_SWEEPS:  # on the worker's timer: the consumer resumes first
+                self.timer.call_after(delay, self.on_reconnect, (lost_at,))
+        return connected

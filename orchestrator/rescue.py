@@ -68,6 +68,15 @@ _TAKE_SILENT = (
     .returning(Branch.job_id, Branch.index, Branch.task, Branch.queue, Branch.args, Branch.celery_task_id)
 )
 _UNFINISHED = Job.state.in_((JobState.RUNNING, JobState.AGGREGATING))
+_QUEUED_IN_IDLE = (
+    select(Branch.index)
+    .where(
+        Branch.job_id == Job.id,
+        Branch.state == BranchState.PENDING,
+        Branch.queue.in_(bindparam("idle_queues", expanding=True)),
+    )
+    .exists()
+)
 _JOB_DUE = and_(
     _UNFINISHED,
     or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < _STALE),
@@ -80,13 +89,7 @@ _JOB_DUE = and_(
         Job.state == JobState.AGGREGATING,
         Job.branch_done >= Job.branch_total,
         Job.deadline_at < _STALE,
-        select(Branch.index)
-        .where(
-            Branch.job_id == Job.id,
-            Branch.state == BranchState.PENDING,
-            Branch.queue.in_(bindparam("idle_queues", expanding=True)),
-        )
-        .exists(),
+        _QUEUED_IN_IDLE,
     ),
 )
 _DUE = (
@@ -108,6 +111,25 @@ _DUE = (
         Job.fan_in_timeout,
         Job.priority,
     )
+)
+
+
+# Jobs a broker connection loss may have stranded: running since before the loss (`since` seconds ago),
+# not looked at since, a queued branch in a queue the caller saw empty. Their messages were lost with a
+# broker that kept nothing, or were held by a worker that dropped them with the connection (a Redis
+# broker hands those out again only after its visibility timeout).
+_LOST_AT = db_now(bindparam("since", type_=Float))
+_STRANDED = and_(
+    Job.state == JobState.RUNNING,
+    or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < _LOST_AT),
+    Job.started_at < _LOST_AT,
+    _QUEUED_IN_IDLE,
+)
+_TAKE_STRANDED = (
+    update(Job)
+    .where(Job.id.in_(select(Job.id).where(_STRANDED).limit(bindparam("limit", type_=Integer))), _STRANDED)
+    .values(heartbeat_at=db_now())
+    .returning(Job.id)
 )
 
 
@@ -189,6 +211,14 @@ class Rescue:
             )
             for r in rows
         ]
+
+    def stranded_jobs(self, since: float, *, idle_queues: Sequence[str], limit: int = 200) -> list[uuid.UUID]:
+        """Jobs a broker connection lost `since` seconds ago may have stranded (see `_STRANDED`), at most
+        `limit`, each taken by renewing its heartbeat: of the workers that reconnect, one publishes their
+        queued branches again, a stall timeout sooner than the sweep would."""
+        params = {"since": since, "limit": limit, "idle_queues": list(idle_queues)}
+        with self.engine.begin() as conn:
+            return list(conn.execute(_TAKE_STRANDED, params).scalars())
 
     def queued_branches(self, job_ids: Sequence[uuid.UUID]) -> list[LostMessage]:
         """The messages of these jobs' queued branches, to publish again where their queue is empty

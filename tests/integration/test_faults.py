@@ -18,7 +18,7 @@ import pytest
 
 from faults.checker import JobCheck, Mark, Tracked, check_job
 from faults.scenarios import SCENARIOS
-from faults.soak import SoakPlan, parse_duration, rss_growth
+from faults.soak import SoakPlan, memory_growth, parse_duration
 from tests.harness import run_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -129,11 +129,11 @@ def test_an_outcome_that_changed_after_the_fan_in_read_it_is_wrong() -> None:
     assert check.wrong is not None and "changed after the fan-in read them" in check.wrong
 
 
-def test_rss_growth_is_measured_per_incarnation() -> None:
-    flat = [{"at_s": t, "role": "io", "pid": 1, "rss": 100 * 2**20} for t in range(0, 600, 10)]
-    growing = [{"at_s": t, "role": "cpu", "pid": 2, "rss": (100 + t / 36) * 2**20} for t in range(0, 600, 10)]
-    short = [{"at_s": t, "role": "cpu", "pid": 3, "rss": 2**20 * t} for t in range(600, 620, 10)]
-    growth = rss_growth(flat + growing + short, min_span=300)
+def test_memory_growth_is_measured_per_incarnation() -> None:
+    flat = [{"at_s": t, "role": "io", "pid": 1, "pss": 100 * 2**20} for t in range(0, 600, 10)]
+    growing = [{"at_s": t, "role": "cpu", "pid": 2, "pss": (100 + t / 36) * 2**20} for t in range(0, 600, 10)]
+    short = [{"at_s": t, "role": "cpu", "pid": 3, "pss": 2**20 * t} for t in range(600, 620, 10)]
+    growth = memory_growth(flat + growing + short, min_span=300)
     assert growth["io"] == 0.0
     assert growth["cpu"] is not None and 80 < growth["cpu"] < 110  # 100 MiB/h on ~110 MiB
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from celery import signals
 
+from faults.services import PrivateRedis
 from orchestrator import branch
 from orchestrator.cli.processes import start_worker
 from tests.conftest import POOL_SIZES, Stack, stack_services
@@ -88,6 +89,42 @@ def test_a_killed_io_workers_branches_are_rescued_before_redis_redelivers_them(t
         assert "rescue: publishing 3 branches of 1 jobs in 1 messages again" in stack.logs() + "".join(
             w.log() for w in stack.workers.values()
         )
+
+
+def test_branches_a_redis_restart_lost_are_published_again_when_the_workers_reconnect(tmp_path: Path) -> None:
+    """A Redis broker restarted without persistence loses every queued message. The workers publish the
+    queued branches of jobs from before the loss again as soon as they are connected again: the stall
+    timeout here (10 minutes) is far longer than the test waits, so the regular sweep cannot be it."""
+    redis = PrivateRedis(tmp_path / "redis")
+    redis.start()
+    try:
+        with stack_services("postgres-redis", tmp_path) as env:
+            env.pop("ORCH_RESULT_BACKEND", None)  # the default: results and the chord join in SQL
+            env.update(
+                ORCH_BROKER_URL=f"{redis.url}/0", ORCH_VISIBILITY_TIMEOUT="3600", ORCH_STALL_TIMEOUT="600"
+            )
+            stack = Stack("private-redis", env, tmp_path)
+            stack.start(("io", "fanin"))  # no cpu pool yet: the cpu branch's message waits in Redis
+            try:
+                orc = stack.orc
+                job = orc.submit(
+                    [branch("jobs.io.sleep", 0.05), branch("tests.catalog.spin", 0.05)],
+                    fan_in="jobs.aggregate.collect",
+                )
+                _wait_for(stack, job.id, ["succeeded", "pending"], "the io branch to end")
+                redis.restart(save=False)  # the cpu branch's message is gone
+                deadline = time.monotonic() + 60  # one of the two reconnected workers takes the job
+                while "the broker connection was lost with their messages" not in stack.logs():
+                    assert time.monotonic() < deadline, stack.logs()
+                    time.sleep(0.1)
+                stack.restart("cpu")
+                view = orc.wait(job.id, timeout=60)
+                assert view.state == "succeeded", stack.logs()
+                assert [b.lost_runs for b in view.branches] == [0, 0]
+            finally:
+                stack.stop()
+    finally:
+        redis.stop()
 
 
 def test_a_duplicate_delivery_of_a_running_message_does_not_end_the_job_early(tmp_path: Path) -> None:

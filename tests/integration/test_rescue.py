@@ -258,6 +258,25 @@ def test_the_sweep_finds_fan_ins_that_never_ran_and_aggregations_that_were_lost(
     assert (view.state, view.result) == ("succeeded", "from B")
 
 
+def test_after_a_broker_loss_queued_jobs_from_before_it_are_taken_once_without_a_stall_timeout(
+    store: Store,
+) -> None:
+    before, _ = _job(store)  # its message was published before the connection was lost
+    running, tid = _job(store)
+    assert store.start_branch(running, 0, SentAs(tid, TASK, A)).attempts == {0: 1}  # ran: not stranded
+    time.sleep(0.4)
+    lost_at = time.monotonic()
+    time.sleep(0.2)
+    _job(store)  # published after the broker was back: its message is there
+    rescue = Rescue(store.engine, 600.0)  # the regular sweep would wait ten minutes
+    assert rescue.due_jobs(idle_queues=["io"]) == []
+    assert rescue.stranded_jobs(time.monotonic() - lost_at, idle_queues=["cpu"]) == []  # io is busy
+    assert rescue.stranded_jobs(time.monotonic() - lost_at, idle_queues=["io"]) == [before]
+    # Of the workers that reconnect, one takes it: not again for the next, nor the second look.
+    assert rescue.stranded_jobs(time.monotonic() - lost_at, idle_queues=["io"]) == []
+    assert [m.branches for m in rescue.queued_branches([before])] == [[[0, [0.1], {}]]]
+
+
 def test_a_fan_in_retried_after_a_database_error_takes_back_its_own_claim(store: Store) -> None:
     """A fan-in whose run claimed the job and then failed on the database (PostgreSQL restarting) is
     retried by Celery: the retry takes its own claim back at once, without counting a lost run, where it
