@@ -18,6 +18,7 @@ from . import tasks
 from .backend import ChordRecovery, SQLBackend
 from .lifeline import lifeline_step
 from .settings import Settings
+from .threads import StartThreads
 
 _apps: dict[Settings, Celery] = {}
 _lock = threading.Lock()
@@ -110,6 +111,8 @@ def build_app(s: Settings, *, set_as_current: bool = False) -> Celery:
     )
     # Publishes chord bodies whose publisher died between its final count and the publish.
     app.steps["worker"].add(ChordRecovery)
+    # A thread pool (io) starts all its threads at boot, not one at a time under load.
+    app.steps["worker"].add(StartThreads)
     runtime = tasks.register(app, s)
     # Heartbeats what the worker runs; publishes again what a dead or paused worker, or a broker that
     # kept nothing, lost.
