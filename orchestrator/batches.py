@@ -22,6 +22,7 @@ from .deadline import Deadline
 from .policy import Outcome, execute
 from .registry import TaskSpec
 from .store import AlsoInTransaction, Finished, SentAs, Store
+from .threads import start_every_thread
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class BatchEngine:
         self.size = size
         self.flush_seconds = flush_seconds
         self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="branch")
+        start_every_thread(self._executor, size)  # all at once, not one per burst larger than the last
         self._running = threading.BoundedSemaphore(size)
 
     def run(

@@ -1,11 +1,12 @@
-"""An io worker's thread pool, started whole when the worker starts.
+"""An io worker's threads, started whole: Celery's thread pool when the worker starts, the batch
+engine's branch threads when it is made (at the first batch).
 
-Celery's thread pool is a ThreadPoolExecutor, which starts a thread only when a task finds none idle and
-never retires one: an io pool of 64 grows its threads (and its memory, ~0.1 MiB each) at each burst
-larger than any before, hours into a run (the soak saw 29 threads at a steady 10 jobs/s, 48 after the
-backlog of a paused pool, 54 later). Started whole, the pool's memory at full concurrency is known at
-boot (a container limit is hit then, not at the first burst) and flat afterwards, so memory that grows
-is a leak, not a pool filling up.
+Both are ThreadPoolExecutors, which start a thread only when a task finds none idle and never retire
+one: an io worker of 64 grew its threads (and its memory, ~0.1 MiB each) at each burst larger than any
+before, hours into a run (the soak saw 29 threads at a steady 10 jobs/s, 48 after the backlog of a
+paused pool, 54 later). Started whole, the worker's memory at full concurrency is known from the start
+(a container limit is hit then, not at the first burst) and flat afterwards, so memory that grows is a
+leak, not a pool filling up.
 """
 
 from __future__ import annotations

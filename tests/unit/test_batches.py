@@ -121,3 +121,10 @@ def test_a_branch_waiting_for_a_slot_past_its_deadline_does_not_run(store: Store
     states = sorted(b.state for b in store.get(job_id).branches)
     assert states == ["succeeded", "timed_out", "timed_out"]
     assert sum(tracker.calls.values()) == 1
+
+
+def test_the_engine_starts_all_its_branch_threads_when_made() -> None:
+    """Its memory at full size is taken at once, not one thread per burst larger than the last."""
+    before = threading.active_count()
+    BatchEngine(5)
+    assert threading.active_count() - before == 5
